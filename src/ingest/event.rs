@@ -1,0 +1,210 @@
+//! The `crm.events` record: decoding and validation.
+//!
+//! A record is accepted only when it is a JSON object with the required fields of DESIGN
+//! section 3 (`id`, `tenant`, `type`, `occurred_at`, `data`) of the right types. Anything
+//! else is an [`InputError`] whose message names the field, so the dead-letter record tells
+//! the operator exactly what to fix.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Map, Value};
+
+/// Why an input record was refused. The text goes to `hookd.dlq` as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("record is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("record has no value")]
+    Empty,
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("record is not a JSON object")]
+    NotAnObject,
+    #[error("missing required field `{0}`")]
+    Missing(&'static str),
+    #[error("field `{field}` must be {expected}")]
+    WrongType { field: &'static str, expected: &'static str },
+}
+
+/// One change event of the producer's CRM, as published on `crm.events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrmEvent {
+    /// Producer's event id; with the subscription id it makes the stable `webhook-id`.
+    pub id: String,
+    /// Account the event belongs to; subscriptions match on it.
+    pub tenant: String,
+    /// Producer's own event name (`contact.created`); dialects map it to wire names.
+    pub event_type: String,
+    /// When it happened, from epoch milliseconds or RFC 3339.
+    pub occurred_at: DateTime<Utc>,
+    /// Entity objects keyed by entity name (`{"contact": {...}}`).
+    pub data: Map<String, Value>,
+    /// Who did it (`createdBy` in AntCRM/BeeIQ).
+    pub actor: Option<Value>,
+    /// Old and new values (`eventContent` in BeeIQ).
+    pub changes: Option<Value>,
+    /// Human-readable line shown by CRMs.
+    pub content: Option<String>,
+    /// Link to the entity in the producer's UI.
+    pub link: Option<String>,
+}
+
+impl CrmEvent {
+    /// Decodes and validates one record value.
+    pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Self, InputError> {
+        let value = decode_object(bytes, max_bytes)?;
+        Self::from_value(value)
+    }
+
+    /// Validates an already parsed JSON object.
+    pub fn from_value(value: Map<String, Value>) -> Result<Self, InputError> {
+        let mut v = value;
+        Ok(Self {
+            id: take_id(&mut v, "id")?,
+            tenant: take_id(&mut v, "tenant")?,
+            event_type: take_string(&mut v, "type")?,
+            occurred_at: parse_time(v.get("occurred_at"), "occurred_at")?,
+            data: match v.remove("data") {
+                Some(Value::Object(m)) => m,
+                Some(_) => return Err(InputError::WrongType { field: "data", expected: "an object" }),
+                None => return Err(InputError::Missing("data")),
+            },
+            actor: optional(&mut v, "actor"),
+            changes: optional(&mut v, "changes"),
+            content: optional_string(&mut v, "content")?,
+            link: optional_string(&mut v, "link")?,
+        })
+    }
+
+    /// The entity named by the event type's prefix (`order` for `order.created`).
+    pub fn entity(&self) -> &str {
+        self.event_type.split('.').next().unwrap_or(&self.event_type)
+    }
+}
+
+/// Size check, then JSON parse into an object.
+pub fn decode_object(bytes: &[u8], max_bytes: usize) -> Result<Map<String, Value>, InputError> {
+    if bytes.is_empty() {
+        return Err(InputError::Empty);
+    }
+    if bytes.len() > max_bytes {
+        return Err(InputError::TooLarge { size: bytes.len(), limit: max_bytes });
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(InputError::NotAnObject),
+        Err(e) => Err(InputError::Malformed(e.to_string())),
+    }
+}
+
+/// A required non-empty string; numbers are accepted for ids (`"tenant": 1260`).
+pub fn take_id(v: &mut Map<String, Value>, field: &'static str) -> Result<String, InputError> {
+    match v.remove(field) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::String(_)) => Err(InputError::WrongType { field, expected: "a non-empty string" }),
+        Some(Value::Null) | None => Err(InputError::Missing(field)),
+        Some(_) => Err(InputError::WrongType { field, expected: "a string" }),
+    }
+}
+
+/// A required non-empty string.
+pub fn take_string(v: &mut Map<String, Value>, field: &'static str) -> Result<String, InputError> {
+    match v.remove(field) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::Null) | None => Err(InputError::Missing(field)),
+        Some(_) => Err(InputError::WrongType { field, expected: "a non-empty string" }),
+    }
+}
+
+fn optional(v: &mut Map<String, Value>, field: &str) -> Option<Value> {
+    v.remove(field).filter(|x| !x.is_null())
+}
+
+fn optional_string(v: &mut Map<String, Value>, field: &'static str) -> Result<Option<String>, InputError> {
+    match v.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(InputError::WrongType { field, expected: "a string" }),
+    }
+}
+
+/// Epoch milliseconds (integer) or an RFC 3339 string; also the `+0000` offset form of the
+/// TimelinesAI samples (`2021-02-24T16:25:29+0000`).
+pub fn parse_time(value: Option<&Value>, field: &'static str) -> Result<DateTime<Utc>, InputError> {
+    let wrong = InputError::WrongType { field, expected: "epoch milliseconds or an RFC 3339 time" };
+    match value {
+        None | Some(Value::Null) => Err(InputError::Missing(field)),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+            .ok_or(wrong),
+        Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
+            .or_else(|_| DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| wrong),
+        Some(_) => Err(wrong),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{"id": "evt_8f1c", "tenant": "1260", "type": "contact.created", "occurred_at": 1618118040123,
+ "actor": {"id": "57f2399cd7351a3e75f8aa1a", "email": "tran.le@example.com", "firstname": "Tran", "lastname": "Le"},
+ "data": {"contact": {"name": "Tran", "lastname": "Thuan", "contactId": "PID-66"}},
+ "changes": {"old": {"name": "Lead"}, "new": {"name": "Contacted"}},
+ "content": "Tran Le created contact Tran Thuan", "link": "https://crm.example.com/contacts/PID-66"}"#;
+
+    #[test]
+    fn decodes_design_sample() {
+        let e = CrmEvent::decode(SAMPLE.as_bytes(), 1 << 20).unwrap();
+        assert_eq!(e.id, "evt_8f1c");
+        assert_eq!(e.tenant, "1260");
+        assert_eq!(e.entity(), "contact");
+        assert_eq!(e.occurred_at.timestamp_millis(), 1618118040123);
+        assert_eq!(e.data["contact"]["contactId"], "PID-66");
+        assert_eq!(e.content.as_deref(), Some("Tran Le created contact Tran Thuan"));
+    }
+
+    #[test]
+    fn numeric_tenant_and_rfc3339_time() {
+        let e = CrmEvent::decode(
+            br#"{"id":"e","tenant":1260,"type":"order.created","occurred_at":"2021-02-24T16:25:29+0000","data":{}}"#,
+            1024,
+        )
+        .unwrap();
+        assert_eq!(e.tenant, "1260");
+        assert_eq!(e.occurred_at.to_rfc3339(), "2021-02-24T16:25:29+00:00");
+    }
+
+    #[test]
+    fn refuses_bad_input_with_named_field() {
+        let cases: &[(&[u8], InputError)] = &[
+            (b"", InputError::Empty),
+            (b"[1]", InputError::NotAnObject),
+            (br#"{"tenant":"t","type":"a","occurred_at":1,"data":{}}"#, InputError::Missing("id")),
+            (br#"{"id":"e","tenant":"t","type":"a","occurred_at":1}"#, InputError::Missing("data")),
+            (
+                br#"{"id":"e","tenant":"t","type":5,"occurred_at":1,"data":{}}"#,
+                InputError::WrongType { field: "type", expected: "a non-empty string" },
+            ),
+            (
+                br#"{"id":"e","tenant":"t","type":"a","occurred_at":"yesterday","data":{}}"#,
+                InputError::WrongType { field: "occurred_at", expected: "epoch milliseconds or an RFC 3339 time" },
+            ),
+            (
+                br#"{"id":"e","tenant":"t","type":"a","occurred_at":1,"data":[]}"#,
+                InputError::WrongType { field: "data", expected: "an object" },
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&CrmEvent::decode(input, 1024).unwrap_err(), want, "{}", String::from_utf8_lossy(input));
+        }
+        assert!(matches!(CrmEvent::decode(b"{not json", 1024), Err(InputError::Malformed(_))));
+        assert_eq!(
+            CrmEvent::decode(SAMPLE.as_bytes(), 10).unwrap_err(),
+            InputError::TooLarge { size: SAMPLE.len(), limit: 10 }
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The subscription record (DESIGN section 3): one customer URL and what it wants.
+//!
+//! The same shape comes from `[[subscription]]` tables in the config file and from JSON
+//! values on the compacted `hookd.subscriptions` topic. Omitted fields take the defaults
+//! documented here and in `config/hookd.toml`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Which input stream a subscription listens to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `crm.events`.
+    #[default]
+    Crm,
+    /// `chat.messages`.
+    Chat,
+}
+
+/// Body encoding; only the teamcrop dialect offers XML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Json,
+    Xml,
+}
+
+/// Pass every record through at once, or bundle a chat's messages per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    #[default]
+    None,
+    /// Window length (`1h`, `6h`, `12h`, `24h`, or any duration such as `10s`).
+    Every(Duration),
+}
+
+impl Aggregation {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("none") {
+            return Ok(Self::None);
+        }
+        match humantime::parse_duration(s) {
+            Ok(d) if d >= Duration::from_secs(1) => Ok(Self::Every(d)),
+            Ok(_) => Err(format!("aggregation `{s}` is shorter than one second")),
+            Err(e) => Err(format!("aggregation `{s}` is neither `none` nor a duration: {e}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Aggregation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Aggregation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::None => s.serialize_str("none"),
+            Self::Every(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        }
+    }
+}
+
+/// DooPage-style endpoint verification (GET challenge) settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    /// Sent as `validation_key`; the endpoint checks it matches what the customer configured.
+    pub validation_key: String,
+}
+
+/// When to send again after a failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Waits before the 2nd, 3rd ... send; doubles from the last entry when shorter than needed.
+    /// Default `[60]`: 1, 2, 4, 8 ... minutes, Teamcrop's schedule.
+    pub delays_secs: Vec<u64>,
+    /// Total sends, the first included. Default 12.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { delays_secs: vec![60], max_attempts: 12 }
+    }
+}
+
+impl RetryPolicy {
+    /// Base wait (before jitter) before send number `next_attempt` (2 = first retry).
+    pub fn base_delay(&self, next_attempt: u32) -> Duration {
+        let idx = next_attempt.saturating_sub(2) as usize;
+        let secs = match self.delays_secs.get(idx) {
+            Some(s) => *s,
+            None => {
+                let last = self.delays_secs.last().copied().unwrap_or(60);
+                let extra = (idx + 1 - self.delays_secs.len()).min(40) as u32;
+                last.saturating_mul(2u64.saturating_pow(extra))
+            }
+        };
+        Duration::from_secs(secs.min(7 * 24 * 3600))
+    }
+}
+
+/// One webhook endpoint of one customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Unique id; the key on `hookd.subscriptions`, `hookd.deliveries` and `hookd.retry`.
+    pub id: String,
+    /// Account whose events this endpoint receives.
+    pub tenant: String,
+    /// Target URL (http or https).
+    pub url: String,
+    #[serde(default)]
+    pub source: Source,
+    /// Event-type filters: exact names and `*` globs. Default: every event.
+    #[serde(default = "all_events")]
+    pub events: Vec<String>,
+    /// Body shape: a built-in dialect or one defined under `[dialect.<name>]`.
+    #[serde(default = "default_dialect")]
+    pub dialect: String,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default)]
+    pub aggregation: Aggregation,
+    /// Extra request headers, sent as given.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `whsec_` signing secret(s), space-separated during rotation. None: a `v1,` signature
+    /// is still sent, keyed with an empty secret, so receivers see a consistent header set.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub verification: Option<Verification>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub owner_email: Option<String>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Auto-disable after more than this many consecutive failed requests.
+    #[serde(default = "default_disable_after")]
+    pub disable_after_failures: u32,
+}
+
+fn all_events() -> Vec<String> {
+    vec!["*".to_string()]
+}
+fn default_dialect() -> String {
+    "standard".to_string()
+}
+fn yes() -> bool {
+    true
+}
+fn default_disable_after() -> u32 {
+    10
+}
+
+impl Subscription {
+    /// Cross-field checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        let ctx = |m: String| format!("subscription `{}`: {m}", self.id);
+        if self.id.is_empty() {
+            return Err("subscription: `id` must not be empty".into());
+        }
+        if self.tenant.is_empty() {
+            return Err(ctx("`tenant` must not be empty".into()));
+        }
+        let url = url::Url::parse(&self.url).map_err(|e| ctx(format!("`url` is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ctx(format!("`url` scheme must be http or https, not `{}`", url.scheme())));
+        }
+        if self.events.is_empty() {
+            return Err(ctx("`events` must list at least one name or glob".into()));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ctx("`retry.max_attempts` must be at least 1".into()));
+        }
+        if self.source == Source::Crm && self.aggregation != Aggregation::None {
+            return Err(ctx("`aggregation` applies to `source = \"chat\"` only".into()));
+        }
+        for (name, value) in &self.headers {
+            reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ctx(format!("header name `{name}` is not valid")))?;
+            reqwest::header::HeaderValue::from_str(value)
+                .map_err(|_| ctx(format!("header `{name}` has a value that is not valid")))?;
+        }
+        if let Some(secret) = &self.secret {
+            for s in secret.split_whitespace() {
+                crate::deliver::signature::decode_secret(s).map_err(|e| ctx(format!("`secret`: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `event_type` passes this subscription's filters.
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.events.iter().any(|p| {
+            if p.contains('*') || p.contains('?') {
+                wildmatch::WildMatch::new(p).matches(event_type)
+            } else {
+                p == event_type
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(json: &str) -> Subscription {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn design_sample_parses_and_defaults_apply() {
+        let s = sub(r#"{"id": "sub_1", "tenant": "1260", "url": "https://hooks.example.com/crm", "source": "crm",
+ "events": ["contact.*", "order.created"], "dialect": "antcrm", "format": "json",
+ "aggregation": "none", "headers": {"X-Api-Key": "k"},
+ "verification": {"validation_key": "my-key"}, "enabled": true, "owner_email": "ops@example.com",
+ "retry": {"delays_secs": [60, 120, 240], "max_attempts": 12}, "disable_after_failures": 10}"#);
+        assert!(s.validate().is_ok());
+        assert!(s.wants("contact.created") && s.wants("contact.stage_changed"));
+        assert!(s.wants("order.created") && !s.wants("order.updated") && !s.wants("contactx"));
+        let d = sub(r#"{"id":"s","tenant":"t","url":"http://x/"}"#);
+        assert_eq!(d.events, vec!["*"]);
+        assert!(d.enabled && d.wants("anything.at_all"));
+        assert_eq!(d.retry, RetryPolicy { delays_secs: vec![60], max_attempts: 12 });
+        assert_eq!(d.disable_after_failures, 10);
+        assert_eq!(d.dialect, "standard");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        assert!(serde_json::from_str::<Subscription>(r#"{"id":"s","tenant":"t","url":"http://x/","colour":1}"#).is_err());
+        assert!(serde_json::from_str::<Subscription>(r#"{"id":"s","tenant":"t","url":"http://x/","aggregation":"often"}"#).is_err());
+        let bad_url = sub(r#"{"id":"s","tenant":"t","url":"ftp://x/"}"#);
+        assert!(bad_url.validate().unwrap_err().contains("scheme"));
+        let agg_crm = sub(r#"{"id":"s","tenant":"t","url":"http://x/","aggregation":"1h"}"#);
+        assert!(agg_crm.validate().unwrap_err().contains("aggregation"));
+    }
+
+    #[test]
+    fn aggregation_parses_product_choices() {
+        assert_eq!(Aggregation::parse("none").unwrap(), Aggregation::None);
+        assert_eq!(Aggregation::parse("6h").unwrap(), Aggregation::Every(Duration::from_secs(6 * 3600)));
+        assert_eq!(Aggregation::parse("10s").unwrap(), Aggregation::Every(Duration::from_secs(10)));
+        assert!(Aggregation::parse("0s").is_err());
+    }
+
+    #[test]
+    fn retry_delays_double_from_last_entry() {
+        let teamcrop = RetryPolicy::default();
+        let secs: Vec<u64> = (2..=6).map(|a| teamcrop.base_delay(a).as_secs()).collect();
+        assert_eq!(secs, vec![60, 120, 240, 480, 960]);
+        let listed = RetryPolicy { delays_secs: vec![5, 7], max_attempts: 5 };
+        let secs: Vec<u64> = (2..=5).map(|a| listed.base_delay(a).as_secs()).collect();
+        assert_eq!(secs, vec![5, 7, 14, 28]);
+        assert_eq!(teamcrop.base_delay(200).as_secs(), 7 * 24 * 3600, "capped at a week");
+    }
+}
