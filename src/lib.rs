@@ -1,0 +1,172 @@
+//! hookd: a company's change stream on Kafka, turned into outbound webhooks for its customers.
+//!
+//! Layout, in pipeline order (DESIGN section 1):
+//! - [`config`]: the TOML file, defaults and validation.
+//! - [`ingest`]: consumes `crm.events`, validates (bad input to `hookd.dlq`), routes and
+//!   renders, produces delivery records; owns the input offsets.
+//! - [`route`]: the subscription registry, from the config file and the compacted
+//!   `hookd.subscriptions` topic; tenant and event-filter matching.
+//! - [`render`]: dialects (antcrm, beeiq, teamcrop JSON/XML, doopage, standard, custom
+//!   templates) that shape each vendor's body, event names and headers.
+//! - [`deliver`]: the sender: signs, sends, retries through `hookd.retry` and the sled retry
+//!   store, dead-letters exhausted deliveries; owns the delivery topics' offsets.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on `admin.listen`.
+//! - [`telemetry`]: the Prometheus metrics.
+//! - [`kafka`]: client settings, topic creation, acknowledged produce, dead letters.
+//! - [`demo`]: `hookd demo`, the whole job on an embedded broker.
+//!
+//! [`run`] takes the shutdown signal as a parameter, so tests supply their own.
+
+pub mod admin;
+pub mod config;
+pub mod deliver;
+pub mod demo;
+pub mod ingest;
+pub mod kafka;
+pub mod render;
+pub mod route;
+pub mod telemetry;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio_util::sync::CancellationToken;
+
+use config::Config;
+use deliver::park::ParkStore;
+use render::Dialects;
+use route::Registry;
+use telemetry::Metrics;
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("state store: {0}")]
+    State(#[from] sled::Error),
+    #[error("admin server on {addr}: {source}")]
+    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("http client: {0}")]
+    Http(String),
+    #[error("stage `{0}` stopped unexpectedly")]
+    Stage(&'static str),
+}
+
+/// Readiness of the stages, for `/readyz`.
+#[derive(Debug, Default)]
+pub struct Ready {
+    pub subscriptions: AtomicBool,
+    pub ingest: AtomicBool,
+    pub sender: AtomicBool,
+}
+
+impl Ready {
+    pub fn all(&self) -> bool {
+        self.subscriptions.load(Ordering::Relaxed) && self.ingest.load(Ordering::Relaxed) && self.sender.load(Ordering::Relaxed)
+    }
+}
+
+/// What every stage shares.
+pub struct Shared {
+    pub config: Config,
+    pub dialects: Dialects,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    /// One idempotent producer for deliveries, retries and dead letters.
+    pub producer: FutureProducer,
+    pub ready: Ready,
+}
+
+/// A started daemon.
+pub struct Running {
+    /// Where `/metrics`, `/healthz`, `/readyz` are served (the bound address of `admin.listen`).
+    pub admin: std::net::SocketAddr,
+    pub shared: Arc<Shared>,
+    handle: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// Waits until the daemon has stopped (after its shutdown token fired, or a stage failed).
+    pub async fn wait(self) -> Result<(), Error> {
+        self.handle.await.unwrap_or(Err(Error::Stage("supervisor")))
+    }
+}
+
+/// Runs the daemon until `shutdown` fires, then stops gracefully (DESIGN section 2).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    start(config, shutdown).await?.wait().await
+}
+
+/// Starts the daemon: validates, creates topics, opens the state store, binds the admin
+/// server, then runs the stages in the background until `shutdown`.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    let dialects = config.validate()?;
+    let metrics = Metrics::new();
+    if config.kafka.create_topics {
+        if let Err(error) = kafka::ensure_topics(&config).await {
+            tracing::warn!(%error, "Could not create topics; expecting them to exist.");
+        }
+    }
+    let (park, wiped) = ParkStore::open(&config.state.path)?;
+    if wiped {
+        metrics.state_wipes.inc();
+    }
+    let producer = kafka::producer(&config)?;
+    let registry = Registry::new(&config.subscription);
+    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, ready: Ready::default() });
+    let admin = admin::serve(shared.clone(), shutdown.clone()).await?;
+    tracing::info!(listen = %admin, "Admin server listening.");
+    let handle = tokio::spawn(supervise(shared.clone(), park, shutdown));
+    Ok(Running { admin, shared, handle })
+}
+
+/// Starts the stages in order and stops them all when one fails or `stop` fires.
+async fn supervise(shared: Arc<Shared>, park: ParkStore, stop: CancellationToken) -> Result<(), Error> {
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+    let mut stages = tokio::task::JoinSet::new();
+    stages.spawn(tagged("subscriptions", route::reader::run(shared.clone(), loaded_tx, stop.clone())));
+    tokio::select! {
+        _ = loaded_rx => shared.ready.subscriptions.store(true, Ordering::Relaxed),
+        _ = stop.cancelled() => {}
+        Some(r) = stages.join_next() => { stop.cancel(); return finish(r); }
+    }
+    stages.spawn(tagged("ingest", ingest::run_crm(shared.clone(), stop.clone())));
+    stages.spawn(tagged("sender", deliver::run(shared.clone(), park.clone(), stop.clone())));
+    tracing::info!(subscriptions = shared.registry.index().len(), "hookd running.");
+    let mut result = Ok(());
+    while let Some(r) = stages.join_next().await {
+        if !stop.is_cancelled() {
+            stop.cancel();
+            result = finish(r);
+        }
+    }
+    shared.producer.flush(std::time::Duration::from_secs(5)).ok();
+    park.flush().await?;
+    tracing::info!("hookd stopped.");
+    result
+}
+
+async fn tagged<F: std::future::Future<Output = Result<(), Error>>>(name: &'static str, f: F) -> (&'static str, Result<(), Error>) {
+    (name, f.await)
+}
+
+fn finish(r: Result<(&'static str, Result<(), Error>), tokio::task::JoinError>) -> Result<(), Error> {
+    match r {
+        Ok((name, Ok(()))) => {
+            tracing::error!(stage = name, "Stage stopped before shutdown.");
+            Err(Error::Stage(name))
+        }
+        Ok((name, Err(error))) => {
+            tracing::error!(stage = name, %error, "Stage failed.");
+            Err(error)
+        }
+        Err(error) => {
+            tracing::error!(%error, "Stage panicked.");
+            Err(Error::Stage("unknown"))
+        }
+    }
+}

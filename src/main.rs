@@ -1,1 +1,84 @@
-fn main() {}
+//! The `hookd` binary: parses the command line and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "hookd", version, about = "Kafka change stream to outbound webhooks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        #[arg(long, short, default_value = "config/hookd.toml")]
+        config: PathBuf,
+    },
+    /// Check a config file: exit 0, or print what is wrong and exit 1.
+    CheckConfig { file: PathBuf },
+    /// The whole job on an embedded broker with sample traffic and a local receiver.
+    Demo {
+        /// Admin/metrics address of the demo daemon.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+/// Cancels the token on SIGTERM or ctrl-c; a second signal exits at once.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!("Shutdown signal received; finishing in-flight work (signal again to exit at once).");
+                t.cancel();
+            } else {
+                tracing::warn!("Second signal; exiting now.");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: anyhow::Result<()> = match cli.command {
+        Command::CheckConfig { file } => match hookd::config::Config::load(&file) {
+            Ok(c) => {
+                println!("{}: ok ({} static subscriptions, {} custom dialects)", file.display(), c.subscription.len(), c.dialect.len());
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
+        Command::Run { config } => match hookd::config::Config::load(&config) {
+            Ok(c) => hookd::run(c, shutdown_on_signals()).await.map_err(Into::into),
+            Err(e) => Err(e.into()),
+        },
+        Command::Demo { listen } => hookd::demo::run(listen, shutdown_on_signals()).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hookd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Configuration: the TOML file of `hookd run --config FILE`.
+//!
+//! Every struct denies unknown keys, so a typo is an error naming the key instead of a
+//! silently ignored setting. Every field has a default (documented here and mirrored in
+//! `config/hookd.toml`), so a file holding only the keys of DESIGN section 3 runs.
+//! [`Config::validate`] does the cross-field checks serde cannot.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::render::{DialectConfig, Dialects};
+use crate::route::subscription::Subscription;
+
+/// A config file that could not be used; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub state: StateConfig,
+    pub admin: AdminConfig,
+    pub ingest: IngestConfig,
+    pub delivery: DeliveryConfig,
+    pub shutdown: ShutdownConfig,
+    /// Custom dialects, `[dialect.<name>]`, defined without a rebuild.
+    pub dialect: BTreeMap<String, DialectConfig>,
+    /// Static subscriptions, `[[subscription]]`; the subscriptions topic adds to them.
+    pub subscription: Vec<Subscription>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// Consumer group of the ingest stage; the sender uses `<group_id>.sender`.
+    pub group_id: String,
+    /// `client.id` sent to the broker, shown in its logs.
+    pub client_id: String,
+    /// Create missing topics at start-up.
+    pub create_topics: bool,
+    /// Partitions of topics hookd creates; partitions are the unit of scale-out.
+    pub partitions: i32,
+    /// Replication factor of topics hookd creates.
+    pub replication_factor: i32,
+    /// Consumer session timeout: how long a dead instance keeps its partitions.
+    pub session_timeout_ms: u64,
+    /// How often stored offsets are committed.
+    pub commit_interval_ms: u64,
+    /// Producer batching delay: a little latency for much larger batches.
+    pub linger_ms: u64,
+    /// Producer compression (`none`, `lz4`, `zstd`, `snappy`, `gzip`).
+    pub compression: String,
+    /// Extra librdkafka properties for every client (TLS, SASL, ...), passed as given.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "hookd".into(),
+            client_id: "hookd".into(),
+            create_topics: true,
+            partitions: 6,
+            replication_factor: 1,
+            session_timeout_ms: 10_000,
+            commit_interval_ms: 1_000,
+            linger_ms: 5,
+            compression: "lz4".into(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// Topic names; defaults are the wire contracts of DESIGN section 3.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub crm_events: String,
+    pub chat_messages: String,
+    pub subscriptions: String,
+    pub deliveries: String,
+    pub retry: String,
+    pub dlq: String,
+    pub notifications: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            crm_events: "crm.events".into(),
+            chat_messages: "chat.messages".into(),
+            subscriptions: "hookd.subscriptions".into(),
+            deliveries: "hookd.deliveries".into(),
+            retry: "hookd.retry".into(),
+            dlq: "hookd.dlq".into(),
+            notifications: "hookd.notifications".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// sled directory: a checkpoint, rebuilt from Kafka when lost or corrupt.
+    pub path: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self { path: "data/hookd".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/metrics`, `/healthz`, `/readyz` and the admin API.
+    pub listen: SocketAddr,
+    /// Bearer token of the admin API (metrics and health are open).
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9464".parse().expect("literal address"), token: "change-me".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Larger input records go to the dead-letter topic.
+    pub max_record_bytes: usize,
+    /// Records read but not yet finished; reading pauses above it (backpressure).
+    pub max_in_flight: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self { max_record_bytes: 1 << 20, max_in_flight: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// CIDRs exempt from the SSRF guard, e.g. `["127.0.0.0/8"]`.
+    pub allow_private_targets: Vec<String>,
+    /// Whole-request timeout; a timeout is a failed, retried request.
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Response body bytes kept for logs; the rest is not read.
+    pub max_response_bytes: usize,
+    /// Requests in flight across all subscriptions.
+    pub max_in_flight: usize,
+    /// Requests in flight to one subscription, so one slow endpoint can't take them all.
+    pub per_subscription_concurrency: usize,
+    /// Deliveries queued for one subscription before more are deferred to the retry topic.
+    pub per_subscription_queue: usize,
+    /// Upper bound on a `Retry-After` wait honoured from a response.
+    pub retry_after_max_secs: u64,
+    /// `User-Agent` of every request.
+    pub user_agent: String,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            allow_private_targets: Vec::new(),
+            request_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            max_response_bytes: 4096,
+            max_in_flight: 512,
+            per_subscription_concurrency: 8,
+            per_subscription_queue: 64,
+            retry_after_max_secs: 3600,
+            user_agent: concat!("hookd/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight requests may finish after SIGTERM before they are abandoned
+    /// (abandoned ones are not committed and are sent again after restart).
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_ms: 10_000 }
+    }
+}
+
+impl ShutdownConfig {
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks; returns the dialects it compiled on the way.
+    pub fn validate(&self) -> Result<Dialects, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(m);
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers must not be empty".into()));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id must not be empty".into()));
+        }
+        if self.kafka.partitions < 1 || self.kafka.replication_factor < 1 {
+            return Err(invalid("kafka.partitions and kafka.replication_factor must be at least 1".into()));
+        }
+        if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.kafka.compression.as_str()) {
+            return Err(invalid(format!("kafka.compression `{}` is not one of none, lz4, zstd, snappy, gzip", self.kafka.compression)));
+        }
+        if self.admin.token.is_empty() {
+            return Err(invalid("admin.token must not be empty".into()));
+        }
+        crate::deliver::ssrf::TargetPolicy::new(&self.delivery.allow_private_targets)
+            .map_err(|e| invalid(format!("delivery.allow_private_targets: {e}")))?;
+        let d = &self.delivery;
+        if d.max_in_flight == 0 || d.per_subscription_concurrency == 0 || d.per_subscription_queue == 0 {
+            return Err(invalid("delivery.max_in_flight, per_subscription_concurrency and per_subscription_queue must be at least 1".into()));
+        }
+        if self.ingest.max_in_flight == 0 || self.ingest.max_record_bytes == 0 {
+            return Err(invalid("ingest.max_in_flight and ingest.max_record_bytes must be at least 1".into()));
+        }
+        let dialects = Dialects::new(&self.dialect).map_err(|e| invalid(format!("dialect: {e}")))?;
+        let mut seen = HashSet::new();
+        for s in &self.subscription {
+            s.validate().map_err(invalid)?;
+            dialects.check(&s.dialect, s.format).map_err(|e| invalid(format!("subscription `{}`: {e}", s.id)))?;
+            if !seen.insert(s.id.as_str()) {
+                return Err(invalid(format!("subscription id `{}` appears twice", s.id)));
+            }
+        }
+        Ok(dialects)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"      # bootstrap servers
+group_id = "hookd"
+[state]
+path = "data/hookd"             # sled directory
+[admin]
+listen = "127.0.0.1:9464"
+token = "change-me"
+[delivery]
+allow_private_targets = []
+"#;
+
+    #[test]
+    fn design_minimal_file_runs_with_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.kafka.partitions, 6);
+        assert_eq!(c.topics.dlq, "hookd.dlq");
+        assert_eq!(c.delivery.request_timeout_ms, 10_000);
+        assert!(c.subscription.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[kafka]\nbrokerz = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("brokerz"), "{err}");
+        let err = Config::parse("[nonsense]\n").unwrap_err().to_string();
+        assert!(err.contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_errors_are_clear() {
+        let err = Config::parse("[delivery]\nallow_private_targets = [\"10.0.0.0/99\"]\n").unwrap_err().to_string();
+        assert!(err.contains("allow_private_targets"), "{err}");
+        let dup = "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\n[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://y/\"\n";
+        assert!(Config::parse(dup).unwrap_err().to_string().contains("twice"));
+        let bad_dialect = "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\ndialect=\"nope\"\n";
+        assert!(Config::parse(bad_dialect).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn every_shipped_config_file_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no config files found in {}", dir.display());
+    }
+}

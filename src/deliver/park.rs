@@ -1,0 +1,267 @@
+//! The retry store: deliveries read from `hookd.retry`, parked in sled until their time.
+//!
+//! Key layout (one sled tree, so a park and its checkpoint are one atomic batch):
+//! - `p` due_ms(u64 BE) partition(u32 BE) offset(u64 BE) → delivery record: ordered by due
+//!   time, so finding due work is a range scan from the start, never a full scan;
+//! - `s` partition offset → due_ms: the source index, for the low-watermark;
+//! - `c` partition → highest offset applied: the checkpoint.
+//!
+//! Offsets of `hookd.retry` obey DESIGN section 2: the position committed for a partition is
+//! the smallest source offset still parked (its work is unfinished), or one past the
+//! checkpoint when nothing is parked. After a restart with this store intact, records at or
+//! below the checkpoint are skipped (they are here already); with the store lost, the
+//! consumer replays from the committed position and parks them again.
+
+use std::path::Path;
+
+use sled::{Batch, Tree};
+
+use super::record::DeliveryRecord;
+
+/// One parked delivery.
+#[derive(Debug, Clone)]
+pub struct Parked {
+    pub partition: i32,
+    pub offset: i64,
+    pub due_ms: i64,
+    pub record: DeliveryRecord,
+}
+
+#[derive(Clone)]
+pub struct ParkStore {
+    db: sled::Db,
+    tree: Tree,
+}
+
+fn due_key(due_ms: i64, partition: i32, offset: i64) -> [u8; 21] {
+    let mut k = [0u8; 21];
+    k[0] = b'p';
+    k[1..9].copy_from_slice(&(due_ms.max(0) as u64).to_be_bytes());
+    k[9..13].copy_from_slice(&(partition as u32).to_be_bytes());
+    k[13..21].copy_from_slice(&(offset as u64).to_be_bytes());
+    k
+}
+
+fn src_key(partition: i32, offset: i64) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = b's';
+    k[1..5].copy_from_slice(&(partition as u32).to_be_bytes());
+    k[5..13].copy_from_slice(&(offset as u64).to_be_bytes());
+    k
+}
+
+fn ckpt_key(partition: i32) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[0] = b'c';
+    k[1..5].copy_from_slice(&(partition as u32).to_be_bytes());
+    k
+}
+
+fn be_i64(v: &[u8]) -> i64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&v[..8]);
+    u64::from_be_bytes(b) as i64
+}
+
+impl ParkStore {
+    /// Opens the store in `dir`; an unreadable store is wiped (Kafka replays it).
+    /// Returns whether it was wiped.
+    pub fn open(dir: &Path) -> Result<(Self, bool), sled::Error> {
+        let (db, wiped) = match sled::open(dir) {
+            Ok(db) => (db, false),
+            Err(error) => {
+                tracing::warn!(%error, path = %dir.display(), "State store unreadable; wiping it and replaying from Kafka.");
+                let _ = std::fs::remove_dir_all(dir);
+                (sled::open(dir)?, true)
+            }
+        };
+        let tree = db.open_tree("retry")?;
+        Ok((Self { db, tree }, wiped))
+    }
+
+    /// Parks records of one partition and moves its checkpoint, atomically.
+    pub fn park(&self, partition: i32, items: &[(i64, DeliveryRecord)]) -> Result<(), sled::Error> {
+        let Some(max) = items.iter().map(|(o, _)| *o).max() else { return Ok(()) };
+        let mut b = Batch::default();
+        for (offset, record) in items {
+            b.insert(&due_key(record.not_before_ms, partition, *offset), record.encode());
+            b.insert(&src_key(partition, *offset), &(record.not_before_ms.max(0) as u64).to_be_bytes());
+        }
+        if self.checkpoint(partition)?.is_none_or(|c| c < max) {
+            b.insert(&ckpt_key(partition), &(max as u64).to_be_bytes());
+        }
+        self.tree.apply_batch(b)
+    }
+
+    /// Highest offset of `partition` already applied to this store.
+    pub fn checkpoint(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
+        Ok(self.tree.get(ckpt_key(partition))?.map(|v| be_i64(&v)))
+    }
+
+    /// Up to `limit` parked deliveries due at `now_ms`, earliest first.
+    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Parked>, sled::Error> {
+        let end = due_key(now_ms, i32::MAX, i64::MAX);
+        let mut out = Vec::new();
+        for kv in self.tree.range(&[b'p'][..]..=&end[..]).take(limit) {
+            let (k, v) = kv?;
+            let partition = u32::from_be_bytes([k[9], k[10], k[11], k[12]]) as i32;
+            match DeliveryRecord::decode(&v) {
+                Ok(record) => out.push(Parked { partition, offset: be_i64(&k[13..]), due_ms: be_i64(&k[1..]), record }),
+                Err(error) => {
+                    tracing::error!(%error, "Unreadable parked delivery removed.");
+                    self.tree.remove(k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Due time of the earliest parked delivery.
+    pub fn next_due_ms(&self) -> Result<Option<i64>, sled::Error> {
+        let first = self.tree.range(&[b'p'][..]..&[b'q'][..]).next().transpose()?;
+        Ok(first.map(|(k, _)| be_i64(&k[1..])))
+    }
+
+    /// Removes a finished delivery.
+    pub fn remove(&self, p: &Parked) -> Result<(), sled::Error> {
+        let mut b = Batch::default();
+        b.remove(&due_key(p.due_ms, p.partition, p.offset));
+        b.remove(&src_key(p.partition, p.offset));
+        self.tree.apply_batch(b)
+    }
+
+    /// Moves a parked delivery to a later time (subscription disabled or busy).
+    pub fn reschedule(&self, p: &Parked, due_ms: i64) -> Result<(), sled::Error> {
+        let mut b = Batch::default();
+        b.remove(&due_key(p.due_ms, p.partition, p.offset));
+        b.insert(&due_key(due_ms, p.partition, p.offset), p.record.encode());
+        b.insert(&src_key(p.partition, p.offset), &(due_ms.max(0) as u64).to_be_bytes());
+        self.tree.apply_batch(b)
+    }
+
+    /// The offset of `partition` that may be committed: the smallest parked source offset,
+    /// else one past the checkpoint.
+    pub fn position(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
+        let lo = src_key(partition, 0);
+        let hi = src_key(partition, i64::MAX);
+        if let Some((k, _)) = self.tree.range(&lo[..]..=&hi[..]).next().transpose()? {
+            return Ok(Some(be_i64(&k[5..])));
+        }
+        Ok(self.checkpoint(partition)?.map(|c| c + 1))
+    }
+
+    /// Forgets a partition given to another instance (it replays from the committed position).
+    pub fn drop_partition(&self, partition: i32) -> Result<usize, sled::Error> {
+        let mut prefix = vec![b's'];
+        prefix.extend_from_slice(&(partition as u32).to_be_bytes());
+        let mut b = Batch::default();
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            b.remove(&due_key(be_i64(&v), partition, be_i64(&k[5..])));
+            b.remove(k);
+            n += 1;
+        }
+        b.remove(&ckpt_key(partition));
+        self.tree.apply_batch(b)?;
+        Ok(n)
+    }
+
+    /// Parked deliveries.
+    pub fn len(&self) -> usize {
+        self.tree.scan_prefix([b's']).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.scan_prefix([b's']).next().is_none()
+    }
+
+    pub async fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush_async().await.map(|_| ())
+    }
+
+    /// The sled database, for other stages' trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::SourceRef;
+
+    fn rec(due: i64) -> DeliveryRecord {
+        DeliveryRecord {
+            id: format!("msg_{due}"),
+            subscription_id: "s".into(),
+            tenant: "t".into(),
+            event_name: "e".into(),
+            attempt: 2,
+            not_before_ms: due,
+            created_ms: 0,
+            content_type: "application/json".into(),
+            body: b"{}".to_vec(),
+            headers: vec![],
+            last_error: None,
+            source: SourceRef { topic: "crm.events".into(), partition: 0, offset: 0 },
+        }
+    }
+
+    #[test]
+    fn due_order_position_and_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, wiped) = ParkStore::open(dir.path()).unwrap();
+        assert!(!wiped);
+        s.park(0, &[(5, rec(300)), (6, rec(100)), (7, rec(200))]).unwrap();
+        s.park(1, &[(2, rec(50))]).unwrap();
+        assert_eq!(s.checkpoint(0).unwrap(), Some(7));
+        assert_eq!(s.next_due_ms().unwrap(), Some(50));
+        let due: Vec<(i32, i64)> = s.due(200, 10).unwrap().iter().map(|p| (p.partition, p.offset)).collect();
+        assert_eq!(due, vec![(1, 2), (0, 6), (0, 7)]);
+        assert_eq!(s.position(0).unwrap(), Some(5));
+        let first = s.due(1000, 10).unwrap().into_iter().find(|p| p.offset == 5).unwrap();
+        s.remove(&first).unwrap();
+        assert_eq!(s.position(0).unwrap(), Some(6));
+        for p in s.due(1000, 10).unwrap().into_iter().filter(|p| p.partition == 0) {
+            s.remove(&p).unwrap();
+        }
+        assert_eq!(s.position(0).unwrap(), Some(8), "nothing parked: one past the checkpoint");
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn reschedule_and_drop_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = ParkStore::open(dir.path()).unwrap();
+        s.park(3, &[(1, rec(10)), (2, rec(20))]).unwrap();
+        let p = s.due(10, 1).unwrap().remove(0);
+        s.reschedule(&p, 500).unwrap();
+        assert_eq!(s.next_due_ms().unwrap(), Some(20));
+        assert_eq!(s.position(3).unwrap(), Some(1));
+        assert_eq!(s.drop_partition(3).unwrap(), 2);
+        assert!(s.is_empty());
+        assert_eq!(s.next_due_ms().unwrap(), None);
+        assert_eq!(s.checkpoint(3).unwrap(), None);
+    }
+
+    #[test]
+    fn survives_reopen_and_wipes_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = ParkStore::open(dir.path()).unwrap();
+            s.park(0, &[(9, rec(1))]).unwrap();
+            s.db.flush().unwrap();
+        }
+        let (s, wiped) = ParkStore::open(dir.path()).unwrap();
+        assert!(!wiped);
+        assert_eq!(s.checkpoint(0).unwrap(), Some(9));
+        drop(s);
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join("conf"), b"\xff\xfe garbage").unwrap();
+        std::fs::write(bad.path().join("db"), b"not a sled file at all").unwrap();
+        let (s, wiped) = ParkStore::open(bad.path()).unwrap();
+        assert!(wiped, "garbage store is wiped");
+        assert!(s.is_empty());
+    }
+}

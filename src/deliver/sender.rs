@@ -1,0 +1,403 @@
+//! The sender loop: reading, dispatching, outcome handling, offset storing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, Message};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::backoff::{retry_delay, RetryAfterBounds};
+use super::http::{HttpConfig, HttpSender, OutboundRequest};
+use super::park::{ParkStore, Parked};
+use super::record::DeliveryRecord;
+use super::signature;
+use crate::ingest::offsets::{OffsetTracker, Tp};
+use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, RebalanceLog, SourceRef, TrackedConsumer, TrackingContext};
+use crate::route::subscription::Subscription;
+use crate::{Error, Shared};
+
+/// Where a dispatched record came from, so its finish stores the right offset.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// A record of `hookd.deliveries` (or an unreadable one of `hookd.retry`).
+    Live(Tp, i64),
+    /// A parked delivery of the retry store, finished: remove it.
+    Parked(Parked),
+    /// A parked delivery put off to a later time: only release its in-flight mark.
+    Release(i32, i64),
+}
+
+/// Per-subscription limits.
+struct SubState {
+    concurrency: Semaphore,
+    queued: AtomicUsize,
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    http: HttpSender,
+    park: ParkStore,
+    global: Semaphore,
+    subs: Mutex<HashMap<String, Arc<SubState>>>,
+    done: mpsc::UnboundedSender<Origin>,
+    hard_stop: CancellationToken,
+}
+
+impl Ctx {
+    fn sub_state(&self, id: &str) -> Arc<SubState> {
+        let per_sub = self.shared.config.delivery.per_subscription_concurrency;
+        let mut m = self.subs.lock().expect("sub state poisoned");
+        m.entry(id.to_string())
+            .or_insert_with(|| Arc::new(SubState { concurrency: Semaphore::new(per_sub), queued: AtomicUsize::new(0) }))
+            .clone()
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Runs the sender until `shutdown`, then lets in-flight requests finish within the grace.
+pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationToken) -> Result<(), Error> {
+    let config = &shared.config;
+    let d = &config.delivery;
+    let http = HttpSender::new(
+        HttpConfig {
+            request_timeout: Duration::from_millis(d.request_timeout_ms),
+            connect_timeout: Duration::from_millis(d.connect_timeout_ms),
+            max_response_bytes: d.max_response_bytes,
+            user_agent: d.user_agent.clone(),
+            pool_max_idle_per_host: d.per_subscription_concurrency,
+        },
+        super::ssrf::TargetPolicy::new(&d.allow_private_targets).map_err(Error::Http)?,
+    )
+    .map_err(|e| Error::Http(e.to_string()))?;
+    let log = Arc::new(RebalanceLog::default());
+    let group = format!("{}.sender", config.kafka.group_id);
+    let consumer: TrackedConsumer =
+        crate::kafka::consumer_config(config, &group).create_with_context(TrackingContext(log.clone()))?;
+    consumer.subscribe(&[&config.topics.deliveries, &config.topics.retry])?;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let hard_stop = CancellationToken::new();
+    let ctx = Arc::new(Ctx {
+        shared: shared.clone(),
+        http,
+        park,
+        global: Semaphore::new(d.max_in_flight),
+        subs: Mutex::new(HashMap::new()),
+        done: done_tx,
+        hard_stop: hard_stop.clone(),
+    });
+    shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
+    let tasks = TaskTracker::new();
+    let mut state = LoopState::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    shared.ready.sender.store(true, Ordering::Relaxed);
+    loop {
+        for tp in log.revoked.lock().expect("rebalance log poisoned").drain(..) {
+            state.revoke(&ctx, &tp);
+        }
+        let can_read = state.tracker.pending() + state.in_flight_parked.len() < d.max_in_flight * 4;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(origin) = done_rx.recv() => state.finished(&ctx, &consumer, origin),
+            m = consumer.recv(), if can_read => match m {
+                Ok(msg) => state.on_message(&ctx, &tasks, &msg),
+                Err(error) => tracing::warn!(%error, "Sender consumer error."),
+            },
+            _ = tick.tick() => state.on_tick(&ctx, &tasks, &consumer).await,
+        }
+    }
+    tracing::info!(in_flight = tasks.len(), "Sender stopping; letting in-flight requests finish.");
+    tasks.close();
+    let grace = tokio::time::sleep(config.shutdown.grace());
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            Some(origin) = done_rx.recv() => state.finished(&ctx, &consumer, origin),
+            _ = tasks.wait() => break,
+            _ = &mut grace => { hard_stop.cancel(); tasks.wait().await; break; }
+        }
+    }
+    while let Ok(origin) = done_rx.try_recv() {
+        state.finished(&ctx, &consumer, origin);
+    }
+    let _ = ctx.park.flush().await;
+    state.store_parked_positions(&ctx, &consumer);
+    if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        tracing::warn!(%error, "Final sender commit failed.");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct LoopState {
+    tracker: OffsetTracker,
+    /// Parked deliveries being sent now, so the scheduler does not start them twice.
+    in_flight_parked: HashSet<(i32, i64)>,
+    /// Retry partitions assigned to us, learnt from the records we read.
+    retry_partitions: HashSet<i32>,
+    /// Retry partitions whose position may have moved since the last store.
+    retry_dirty: HashSet<i32>,
+    /// Parks written since the last sled flush.
+    unflushed: bool,
+}
+
+impl LoopState {
+    fn revoke(&mut self, ctx: &Ctx, tp: &Tp) {
+        self.tracker.revoke(tp);
+        if tp.0 == ctx.shared.config.topics.retry {
+            self.retry_partitions.remove(&tp.1);
+            self.retry_dirty.remove(&tp.1);
+            match ctx.park.drop_partition(tp.1) {
+                Ok(n) => tracing::info!(partition = tp.1, parked = n, "Retry partition revoked; its parked deliveries are left to the new owner."),
+                Err(error) => tracing::error!(%error, "Dropping a revoked partition from the retry store failed."),
+            }
+            ctx.shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
+        }
+    }
+
+    fn on_message(&mut self, ctx: &Arc<Ctx>, tasks: &TaskTracker, msg: &BorrowedMessage<'_>) {
+        let topics = &ctx.shared.config.topics;
+        let tp: Tp = (msg.topic().to_string(), msg.partition());
+        let source = SourceRef { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
+        let payload = msg.payload().unwrap_or_default();
+        if tp.0 == topics.retry {
+            self.retry_partitions.insert(tp.1);
+            self.park_one(ctx, tasks, source, payload);
+            return;
+        }
+        self.tracker.begin(&tp, msg.offset());
+        let origin = Origin::Live(tp, msg.offset());
+        match DeliveryRecord::decode(payload) {
+            Ok(record) => dispatch(ctx, tasks, record, origin),
+            Err(reason) => spawn_dead_letter(ctx, tasks, payload.to_vec(), reason, source, None, origin),
+        }
+    }
+
+    /// Parks a retry record in sled (unless the checkpoint shows it is there already).
+    fn park_one(&mut self, ctx: &Arc<Ctx>, tasks: &TaskTracker, source: SourceRef, payload: &[u8]) {
+        let applied = ctx.park.checkpoint(source.partition).ok().flatten();
+        if applied.is_some_and(|c| source.offset <= c) {
+            return;
+        }
+        match DeliveryRecord::decode(payload) {
+            Ok(record) => {
+                if let Err(error) = ctx.park.park(source.partition, &[(source.offset, record)]) {
+                    tracing::error!(%error, "Parking a retry failed; it will be read again after restart.");
+                    return;
+                }
+                self.unflushed = true;
+                self.retry_dirty.insert(source.partition);
+                ctx.shared.metrics.retry_queue_depth.inc();
+            }
+            Err(reason) => {
+                let tp: Tp = (source.topic.clone(), source.partition);
+                self.tracker.begin(&tp, source.offset);
+                let origin = Origin::Live(tp, source.offset);
+                spawn_dead_letter(ctx, tasks, payload.to_vec(), reason, source, None, origin);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &Ctx, consumer: &TrackedConsumer, origin: Origin) {
+        match origin {
+            Origin::Live(tp, offset) => {
+                if let Some(pos) = self.tracker.finish(&tp, offset) {
+                    store(consumer, &tp, pos);
+                }
+            }
+            Origin::Release(partition, offset) => {
+                self.in_flight_parked.remove(&(partition, offset));
+            }
+            Origin::Parked(p) => {
+                self.in_flight_parked.remove(&(p.partition, p.offset));
+                if let Err(error) = ctx.park.remove(&p) {
+                    tracing::error!(%error, "Removing a finished delivery from the retry store failed.");
+                }
+                ctx.shared.metrics.retry_queue_depth.dec();
+                self.retry_dirty.insert(p.partition);
+            }
+        }
+    }
+
+    /// Flushes sled, stores retry positions, and starts due parked deliveries.
+    async fn on_tick(&mut self, ctx: &Arc<Ctx>, tasks: &TaskTracker, consumer: &TrackedConsumer) {
+        if self.unflushed {
+            if let Err(error) = ctx.park.flush().await {
+                tracing::error!(%error, "Retry store flush failed.");
+                return;
+            }
+            self.unflushed = false;
+        }
+        self.store_parked_positions(ctx, consumer);
+        let due = match ctx.park.due(now_ms(), 1024) {
+            Ok(d) => d,
+            Err(error) => return tracing::error!(%error, "Reading the retry store failed."),
+        };
+        for p in due {
+            if !self.retry_partitions.contains(&p.partition) || !self.in_flight_parked.insert((p.partition, p.offset)) {
+                continue;
+            }
+            dispatch(ctx, tasks, p.record.clone(), Origin::Parked(p));
+        }
+    }
+
+    fn store_parked_positions(&mut self, ctx: &Ctx, consumer: &TrackedConsumer) {
+        let topic = ctx.shared.config.topics.retry.clone();
+        for partition in self.retry_dirty.drain() {
+            if let Ok(Some(pos)) = ctx.park.position(partition) {
+                store(consumer, &(topic.clone(), partition), pos);
+            }
+        }
+    }
+}
+
+fn store(consumer: &TrackedConsumer, tp: &Tp, position: i64) {
+    store_position(consumer, &tp.0, tp.1, position);
+}
+
+fn spawn_dead_letter(ctx: &Arc<Ctx>, tasks: &TaskTracker, original: Vec<u8>, reason: String, source: SourceRef, sub: Option<String>, origin: Origin) {
+    let ctx = ctx.clone();
+    tasks.spawn(async move {
+        let letter = DeadLetter { original: &original, key: None, reason, stage: "deliver", source, subscription_id: sub.as_deref() };
+        let s = &ctx.shared;
+        if dead_letter(&s.producer, &s.config, &s.metrics, letter, &ctx.hard_stop).await.is_ok() {
+            let _ = ctx.done.send(origin);
+        }
+    });
+}
+
+/// Starts the request for one record, or defers it when its subscription can't take it now.
+fn dispatch(ctx: &Arc<Ctx>, tasks: &TaskTracker, record: DeliveryRecord, origin: Origin) {
+    let index = ctx.shared.registry.index();
+    let Some(sub) = index.get(&record.subscription_id).cloned() else {
+        ctx.shared.metrics.deliveries.with_label_values(&["dropped"]).inc();
+        let reason = format!("subscription `{}` no longer exists", record.subscription_id);
+        let source = match &origin {
+            Origin::Live(tp, o) => SourceRef { topic: tp.0.clone(), partition: tp.1, offset: *o },
+            Origin::Parked(p) => SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: p.partition, offset: p.offset },
+            Origin::Release(partition, offset) => SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: *partition, offset: *offset },
+        };
+        return spawn_dead_letter(ctx, tasks, record.encode(), reason, source, Some(record.subscription_id), origin);
+    };
+    let state = ctx.sub_state(&sub.id);
+    let full = state.queued.load(Ordering::Relaxed) >= ctx.shared.config.delivery.per_subscription_queue;
+    if !sub.enabled || full {
+        return defer(ctx, tasks, record, origin, if sub.enabled { "busy" } else { "disabled" });
+    }
+    state.queued.fetch_add(1, Ordering::Relaxed);
+    let ctx = ctx.clone();
+    tasks.spawn(async move {
+        let outcome = tokio::select! {
+            r = send_and_settle(&ctx, &sub, &state, record) => r,
+            _ = ctx.hard_stop.cancelled() => false,
+        };
+        state.queued.fetch_sub(1, Ordering::Relaxed);
+        if outcome {
+            let _ = ctx.done.send(origin);
+        }
+    });
+}
+
+/// Defers a record: parked ones move later in the store, live ones go to the retry topic
+/// with the same attempt number.
+fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin: Origin, reason: &'static str) {
+    let wait_ms = if reason == "disabled" { 60_000 } else { 1_000 };
+    ctx.shared.metrics.deliveries_deferred.with_label_values(&[reason]).inc();
+    match origin {
+        Origin::Parked(p) => {
+            if let Err(error) = ctx.park.reschedule(&p, now_ms() + wait_ms) {
+                tracing::error!(%error, "Rescheduling a parked delivery failed.");
+            }
+            let _ = ctx.done.send(Origin::Release(p.partition, p.offset));
+        }
+        Origin::Release(..) => {}
+        Origin::Live(..) => {
+            record.not_before_ms = now_ms() + wait_ms;
+            let ctx = ctx.clone();
+            tasks.spawn(async move {
+                let s = &ctx.shared;
+                let key = record.subscription_id.clone();
+                let sent = produce_until_acked(&s.producer, &s.config.topics.retry, Some(key.as_bytes()), &record.encode(), None, &ctx.hard_stop).await;
+                if sent.is_ok() {
+                    let _ = ctx.done.send(origin);
+                }
+            });
+        }
+    }
+}
+
+/// Sends one record and settles its outcome durably. Returns whether it is settled.
+async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record: DeliveryRecord) -> bool {
+    let s = &ctx.shared;
+    let Ok(_sub_permit) = state.concurrency.acquire().await else { return false };
+    let Ok(_permit) = ctx.global.acquire().await else { return false };
+    let headers = request_headers(sub, &record);
+    s.metrics.requests_in_flight.inc();
+    let attempt = ctx.http.post(OutboundRequest { url: &sub.url, headers: &headers, body: &record.body }).await;
+    s.metrics.requests_in_flight.dec();
+    let rule = s.dialects.success_rule(&sub.dialect);
+    let ok = attempt.error.is_none() && attempt.status.is_some_and(|st| rule.is_success(st));
+    let secs = attempt.duration.as_secs_f64();
+    s.metrics.request_duration.with_label_values(&[if ok { "success" } else { "failure" }]).observe(secs);
+    if ok {
+        s.metrics.deliveries.with_label_values(&["success"]).inc();
+        let bucket = if record.attempt == 1 { "1" } else { "2+" };
+        let latency = (now_ms() - record.created_ms).max(0) as f64 / 1000.0;
+        s.metrics.delivery_latency.with_label_values(&[bucket]).observe(latency);
+        tracing::debug!(subscription = %sub.id, webhook_id = %record.id, attempt = record.attempt, "Delivered.");
+        return true;
+    }
+    let error = match (&attempt.error, attempt.status) {
+        (Some(e), _) => e.to_string(),
+        (None, Some(st)) => format!("HTTP status {st} is not a success for dialect `{}`", sub.dialect),
+        (None, None) => "no response".to_string(),
+    };
+    let kind = attempt.error.as_ref().map_or("status", |e| e.kind());
+    s.metrics.request_errors.with_label_values(&[kind]).inc();
+    let retriable = attempt.error.as_ref().is_none_or(|e| e.is_retriable());
+    if retriable && record.attempt < sub.retry.max_attempts {
+        let base = sub.retry.base_delay(record.attempt + 1);
+        let bounds = RetryAfterBounds { min: Duration::from_secs(1), max: Duration::from_secs(s.config.delivery.retry_after_max_secs) };
+        let delay = retry_delay(base, attempt.retry_after, rand::random::<f64>(), bounds);
+        let next = record.next_attempt(now_ms() + delay.as_millis() as i64, error.clone());
+        tracing::info!(subscription = %sub.id, webhook_id = %record.id, attempt = record.attempt, %error, retry_in_secs = delay.as_secs(), "Delivery failed; will retry.");
+        let sent = produce_until_acked(&s.producer, &s.config.topics.retry, Some(sub.id.as_bytes()), &next.encode(), None, &ctx.hard_stop).await;
+        if sent.is_ok() {
+            s.metrics.deliveries.with_label_values(&["retry"]).inc();
+        }
+        return sent.is_ok();
+    }
+    let reason = format!("gave up after {} attempt(s): {error}", record.attempt);
+    tracing::warn!(subscription = %sub.id, webhook_id = %record.id, %reason, "Delivery exhausted.");
+    let mut last = record.clone();
+    last.last_error = Some(error);
+    let encoded = last.encode();
+    let letter = DeadLetter { original: &encoded, key: Some(sub.id.as_bytes()), reason, stage: "deliver", source: record.source.clone(), subscription_id: Some(&sub.id) };
+    let sent = dead_letter(&s.producer, &s.config, &s.metrics, letter, &ctx.hard_stop).await;
+    if sent.is_ok() {
+        s.metrics.deliveries.with_label_values(&["exhausted"]).inc();
+    }
+    sent.is_ok()
+}
+
+/// Content type, Standard Webhooks headers, dialect headers, then the subscription's own.
+fn request_headers(sub: &Subscription, record: &DeliveryRecord) -> Vec<(String, String)> {
+    let ts = chrono::Utc::now().timestamp();
+    let mut h = Vec::with_capacity(5 + record.headers.len() + sub.headers.len());
+    h.push(("content-type".to_string(), record.content_type.clone()));
+    h.push(("webhook-id".to_string(), record.id.clone()));
+    h.push(("webhook-timestamp".to_string(), ts.to_string()));
+    h.push(("webhook-signature".to_string(), signature::sign(sub.secret.as_deref(), &record.id, ts, &record.body)));
+    h.extend(record.headers.iter().cloned());
+    h.extend(sub.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    h
+}

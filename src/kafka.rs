@@ -1,0 +1,204 @@
+//! Kafka plumbing shared by the stages: client settings, topic creation, and producing
+//! records that must not be lost (dead letters, deliveries) with a retry until the broker
+//! acknowledges them.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// Settings every client shares: brokers, client id and the operator's extra properties.
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers).set("client.id", &config.kafka.client_id);
+    for (k, v) in &config.kafka.librdkafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// An idempotent producer: a broker retry cannot duplicate or reorder a record.
+pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    let mut c = client_config(config);
+    c.set("enable.idempotence", "true")
+        .set("linger.ms", config.kafka.linger_ms.to_string())
+        .set("compression.type", &config.kafka.compression)
+        .set("message.timeout.ms", "30000");
+    for (k, v) in &config.kafka.librdkafka {
+        c.set(k, v);
+    }
+    c.create()
+}
+
+/// A consumer config with explicit offset storing: offsets are stored only once a record's
+/// work is finished (DESIGN section 2), then committed in the background.
+pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
+    let mut c = client_config(config);
+    c.set("group.id", group_id)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", config.kafka.commit_interval_ms.to_string())
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.kafka.session_timeout_ms.to_string())
+        .set("partition.assignment.strategy", "range,roundrobin");
+    for (k, v) in &config.kafka.librdkafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Creates hookd's topics when missing. Existing topics are left as they are.
+pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let t = &config.topics;
+    let (parts, repl) = (config.kafka.partitions, TopicReplication::Fixed(config.kafka.replication_factor));
+    let plain = [&t.crm_events, &t.chat_messages, &t.deliveries, &t.retry, &t.dlq, &t.notifications];
+    let mut topics: Vec<NewTopic> = plain.iter().map(|name| NewTopic::new(name, parts, repl)).collect();
+    topics.push(NewTopic::new(&t.subscriptions, parts, repl).set("cleanup.policy", "compact"));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &opts).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, partitions = parts, "Topic created."),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                tracing::error!(topic = %name, error = %code, "Topic creation failed.");
+                return Err(KafkaError::AdminOp(code));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a record came from, for dead letters and logs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceRef {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A record for `hookd.dlq`: the original bytes as the value (so it can be re-produced as it
+/// is) and why, where and when in headers.
+pub struct DeadLetter<'a> {
+    pub original: &'a [u8],
+    pub key: Option<&'a [u8]>,
+    pub reason: String,
+    pub stage: &'static str,
+    pub source: SourceRef,
+    pub subscription_id: Option<&'a str>,
+}
+
+impl DeadLetter<'_> {
+    pub fn headers(&self) -> OwnedHeaders {
+        let partition = self.source.partition.to_string();
+        let offset = self.source.offset.to_string();
+        let at = chrono::Utc::now().to_rfc3339();
+        let mut h = OwnedHeaders::new()
+            .insert(Header { key: "hookd-dlq-reason", value: Some(self.reason.as_str()) })
+            .insert(Header { key: "hookd-dlq-stage", value: Some(self.stage) })
+            .insert(Header { key: "hookd-dlq-topic", value: Some(self.source.topic.as_str()) })
+            .insert(Header { key: "hookd-dlq-partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "hookd-dlq-offset", value: Some(offset.as_str()) })
+            .insert(Header { key: "hookd-dlq-at", value: Some(at.as_str()) });
+        if let Some(sub) = self.subscription_id {
+            h = h.insert(Header { key: "hookd-dlq-subscription", value: Some(sub) });
+        }
+        h
+    }
+}
+
+/// Produces until the broker acknowledges, backing off between failures; gives up only when
+/// `shutdown` fires (the caller then leaves the source offset unstored, so the work is redone
+/// after restart).
+pub async fn produce_until_acked(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: Option<OwnedHeaders>,
+    shutdown: &CancellationToken,
+) -> Result<(), KafkaError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(h) = headers.clone() {
+            record = record.headers(h);
+        }
+        let error = tokio::select! {
+            r = producer.send(record, Duration::from_secs(5)) => match r {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => e,
+            },
+            _ = shutdown.cancelled() => return Err(KafkaError::Canceled),
+        };
+        tracing::warn!(%error, topic, "Produce failed; retrying.");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return Err(KafkaError::Canceled),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Writes one dead letter, acknowledged, and counts it.
+pub async fn dead_letter(
+    producer: &FutureProducer,
+    config: &Config,
+    metrics: &crate::telemetry::Metrics,
+    letter: DeadLetter<'_>,
+    shutdown: &CancellationToken,
+) -> Result<(), KafkaError> {
+    tracing::warn!(
+        reason = %letter.reason, stage = letter.stage, topic = %letter.source.topic,
+        partition = letter.source.partition, offset = letter.source.offset, "Record sent to the dead-letter topic."
+    );
+    produce_until_acked(producer, &config.topics.dlq, letter.key, letter.original, Some(letter.headers()), shutdown).await?;
+    metrics.dlq_records.with_label_values(&[letter.stage]).inc();
+    Ok(())
+}
+
+/// Partitions revoked by a rebalance, handed from the consumer's callback (which runs on
+/// the polling thread) to the stage's loop, which forgets their pending offsets.
+#[derive(Default)]
+pub struct RebalanceLog {
+    pub revoked: std::sync::Mutex<Vec<(String, i32)>>,
+}
+
+/// Consumer context that records revocations in a [`RebalanceLog`].
+pub struct TrackingContext(pub std::sync::Arc<RebalanceLog>);
+
+impl rdkafka::ClientContext for TrackingContext {}
+
+impl rdkafka::consumer::ConsumerContext for TrackingContext {
+    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
+            let mut r = self.0.revoked.lock().expect("rebalance log poisoned");
+            r.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
+        }
+    }
+}
+
+/// A consumer whose revocations are logged.
+pub type TrackedConsumer = rdkafka::consumer::StreamConsumer<TrackingContext>;
+
+/// Stores `position` (the next offset to read) for commit. Storing for a partition no longer
+/// assigned fails harmlessly.
+pub fn store_position(consumer: &TrackedConsumer, topic: &str, partition: i32, position: i64) {
+    use rdkafka::consumer::Consumer;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    if tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(position)).is_ok() {
+        if let Err(error) = consumer.store_offsets(&tpl) {
+            tracing::debug!(%error, topic, partition, "Offset not stored (partition no longer assigned).");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Route: which subscriptions want a record.
+//!
+//! The [`Registry`] holds every known subscription: the static ones from the config file and
+//! the ones materialised from the compacted `hookd.subscriptions` topic (read by
+//! [`reader`]; a topic entry with the same id overrides the config one, a null value removes
+//! the topic entry). Lookups go through an immutable [`Index`] snapshot keyed by tenant, swapped
+//! whole on every change, so the hot path takes no lock beyond cloning an `Arc`.
+
+pub mod reader;
+pub mod subscription;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use subscription::{Source, Subscription};
+
+/// A read-only snapshot of the subscriptions.
+#[derive(Debug, Default)]
+pub struct Index {
+    by_tenant: HashMap<(String, Source), Vec<Arc<Subscription>>>,
+    by_id: HashMap<String, Arc<Subscription>>,
+}
+
+impl Index {
+    fn build(subs: impl Iterator<Item = Arc<Subscription>>) -> Self {
+        let mut index = Index::default();
+        for s in subs {
+            index.by_tenant.entry((s.tenant.clone(), s.source)).or_default().push(s.clone());
+            index.by_id.insert(s.id.clone(), s);
+        }
+        index
+    }
+
+    /// Enabled subscriptions of `tenant` on `source` whose filters accept `event_type`.
+    pub fn matching<'a>(&'a self, tenant: &str, source: Source, event_type: &'a str) -> impl Iterator<Item = &'a Arc<Subscription>> + 'a {
+        self.by_tenant
+            .get(&(tenant.to_string(), source))
+            .into_iter()
+            .flatten()
+            .filter(move |s| s.enabled && s.wants(event_type))
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Subscription>> {
+        self.by_id.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Subscription>> {
+        self.by_id.values()
+    }
+}
+
+/// The live set of subscriptions, shared by ingest and sender.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: RwLock<RegistryState>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryState {
+    from_config: BTreeMap<String, Arc<Subscription>>,
+    from_topic: BTreeMap<String, Arc<Subscription>>,
+    snapshot: Arc<Index>,
+}
+
+impl RegistryState {
+    fn rebuild(&mut self) {
+        let mut merged = self.from_config.clone();
+        merged.extend(self.from_topic.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.snapshot = Arc::new(Index::build(merged.into_values()));
+    }
+}
+
+/// One change read from the subscriptions topic.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Upsert(Subscription),
+    Delete(String),
+}
+
+impl Registry {
+    pub fn new(static_subs: &[Subscription]) -> Self {
+        let mut state = RegistryState {
+            from_config: static_subs.iter().map(|s| (s.id.clone(), Arc::new(s.clone()))).collect(),
+            ..Default::default()
+        };
+        state.rebuild();
+        Self { inner: RwLock::new(state) }
+    }
+
+    /// The current snapshot.
+    pub fn index(&self) -> Arc<Index> {
+        self.inner.read().expect("registry lock poisoned").snapshot.clone()
+    }
+
+    /// Applies a batch of changes and swaps the snapshot once.
+    pub fn apply(&self, changes: impl IntoIterator<Item = Change>) -> usize {
+        let mut state = self.inner.write().expect("registry lock poisoned");
+        for change in changes {
+            match change {
+                Change::Upsert(s) => {
+                    state.from_topic.insert(s.id.clone(), Arc::new(s));
+                }
+                Change::Delete(id) => {
+                    state.from_topic.remove(&id);
+                }
+            }
+        }
+        state.rebuild();
+        state.snapshot.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(id: &str, tenant: &str, events: &[&str]) -> Subscription {
+        serde_json::from_value(serde_json::json!({"id": id, "tenant": tenant, "url": "http://x/", "events": events})).unwrap()
+    }
+
+    #[test]
+    fn matches_tenant_filter_and_enabled() {
+        let mut off = sub("c", "t1", &["*"]);
+        off.enabled = false;
+        let reg = Registry::new(&[sub("a", "t1", &["contact.*"]), sub("b", "t1", &["order.created"]), off, sub("d", "t2", &["*"])]);
+        let idx = reg.index();
+        let ids = |t: &str, e: &str| {
+            let mut v: Vec<String> = idx.matching(t, Source::Crm, e).map(|s| s.id.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids("t1", "contact.created"), vec!["a"]);
+        assert_eq!(ids("t1", "order.created"), vec!["b"]);
+        assert_eq!(ids("t2", "order.created"), vec!["d"]);
+        assert!(ids("t3", "order.created").is_empty());
+        assert!(idx.matching("t1", Source::Chat, "message").next().is_none());
+    }
+
+    #[test]
+    fn topic_overrides_config_and_delete_reveals_it() {
+        let reg = Registry::new(&[sub("a", "t1", &["x"])]);
+        reg.apply([Change::Upsert(sub("a", "t1", &["y"])), Change::Upsert(sub("b", "t9", &["*"]))]);
+        assert_eq!(reg.index().get("a").unwrap().events, vec!["y"]);
+        assert_eq!(reg.index().len(), 2);
+        reg.apply([Change::Delete("a".into()), Change::Delete("b".into())]);
+        assert_eq!(reg.index().get("a").unwrap().events, vec!["x"]);
+        assert!(reg.index().get("b").is_none());
+    }
+}

@@ -1,0 +1,114 @@
+//! Metrics and the events that move them.
+//!
+//! One [`Metrics`] value owns a Prometheus registry and is handed to every stage (no global
+//! statics, so tests can run several daemons in one process). Names follow DESIGN section 7:
+//! `hookd_` prefix, `_total` counters, `_seconds` histograms, small fixed label sets (never a
+//! tenant, subscription or URL as a label).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Every metric hookd exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Input records read, by `source` (crm, chat).
+    pub events_consumed: IntCounterVec,
+    /// Delivery records produced to `hookd.deliveries`, by `source`.
+    pub deliveries_produced: IntCounterVec,
+    /// Input records that matched no subscription, by `source`.
+    pub events_unmatched: IntCounterVec,
+    /// Finished deliveries by `outcome`: success, retry (failed, will be sent again),
+    /// exhausted (failed, no attempts left, sent to the DLQ), dropped (subscription gone).
+    pub deliveries: IntCounterVec,
+    /// Failed requests by error `kind` (status, timeout, connect, dns, blocked, ...).
+    pub request_errors: IntCounterVec,
+    /// HTTP request duration by `outcome` (success, failure).
+    pub request_duration: HistogramVec,
+    /// From the delivery's first attempt to its successful send, by `attempts` bucket (1, 2+).
+    pub delivery_latency: HistogramVec,
+    /// Deliveries waiting in the retry store (sled) for their time.
+    pub retry_queue_depth: IntGauge,
+    /// Deliveries deferred to the retry topic because their subscription's queue was full
+    /// or the subscription was disabled.
+    pub deliveries_deferred: IntCounterVec,
+    /// Records written to `hookd.dlq`, by `stage` (ingest, render, deliver, subscriptions).
+    pub dlq_records: IntCounterVec,
+    /// Requests in flight now.
+    pub requests_in_flight: IntGauge,
+    /// Subscriptions known (config and topic).
+    pub subscriptions: IntGauge,
+    /// Times the state store was wiped because it could not be opened.
+    pub state_wipes: IntCounter,
+    /// Chat messages not delivered because they carry attachments.
+    pub chat_skipped: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn histogram(reg: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+    reg.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    reg.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let state_wipes = IntCounter::new("hookd_state_wipes_total", "State store wiped and rebuilt from Kafka").expect("valid");
+        r.register(Box::new(state_wipes.clone())).expect("registered once");
+        let m = Self {
+            events_consumed: counter(&r, "hookd_events_consumed_total", "Input records read", &["source"]),
+            deliveries_produced: counter(&r, "hookd_deliveries_produced_total", "Delivery records produced", &["source"]),
+            events_unmatched: counter(&r, "hookd_events_unmatched_total", "Input records matching no subscription", &["source"]),
+            deliveries: counter(&r, "hookd_deliveries_total", "Delivery attempts finished, by outcome", &["outcome"]),
+            request_errors: counter(&r, "hookd_request_errors_total", "Failed webhook requests, by error kind", &["kind"]),
+            request_duration: histogram(&r, "hookd_request_duration_seconds", "Webhook HTTP request duration", &["outcome"], LATENCY_BUCKETS.to_vec()),
+            delivery_latency: histogram(
+                &r,
+                "hookd_delivery_latency_seconds",
+                "Time from a delivery's creation to its successful send",
+                &["attempts"],
+                vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0],
+            ),
+            retry_queue_depth: gauge(&r, "hookd_retry_queue_depth", "Deliveries parked in the retry store"),
+            deliveries_deferred: counter(&r, "hookd_deliveries_deferred_total", "Deliveries deferred to the retry topic", &["reason"]),
+            dlq_records: counter(&r, "hookd_dlq_records_total", "Records written to the dead-letter topic", &["stage"]),
+            requests_in_flight: gauge(&r, "hookd_requests_in_flight", "Webhook requests in flight"),
+            subscriptions: gauge(&r, "hookd_subscriptions", "Subscriptions known"),
+            chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
+            state_wipes,
+            registry: r,
+        };
+        m
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let families = self.registry.gather();
+        if let Err(error) = TextEncoder::new().encode(&families, &mut buf) {
+            tracing::error!(%error, "Metrics encoding failed.");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
