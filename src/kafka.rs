@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::Consumer as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -57,12 +58,21 @@ pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
 /// Creates hookd's topics when missing. Existing topics are left as they are.
 pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
+    let md = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+    let existing: std::collections::HashSet<&str> =
+        md.topics().iter().filter(|t| t.error().is_none() && !t.partitions().is_empty()).map(|t| t.name()).collect();
     let t = &config.topics;
-    let (parts, repl) = (config.kafka.partitions, TopicReplication::Fixed(config.kafka.replication_factor));
+    let (parts, rf) = (config.kafka.partitions, config.kafka.replication_factor);
     let plain = [&t.crm_events, &t.chat_messages, &t.deliveries, &t.retry, &t.dlq, &t.notifications];
-    let mut topics: Vec<NewTopic> = plain.iter().map(|name| NewTopic::new(name, parts, repl)).collect();
-    topics.push(NewTopic::new(&t.subscriptions, parts, repl).set("cleanup.policy", "compact"));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let mut topics: Vec<NewTopic> = plain.iter().map(|name| NewTopic::new(name, parts, TopicReplication::Fixed(rf))).collect();
+    topics.push(NewTopic::new(&t.subscriptions, parts, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact"));
+    topics.retain(|nt| !existing.contains(nt.name));
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(&topics, &opts).await? {
         match result {
             Ok(name) => tracing::info!(topic = %name, partitions = parts, "Topic created."),
@@ -172,6 +182,7 @@ pub async fn dead_letter(
 #[derive(Default)]
 pub struct RebalanceLog {
     pub revoked: std::sync::Mutex<Vec<(String, i32)>>,
+    pub assigned: std::sync::Mutex<Vec<(String, i32)>>,
 }
 
 /// Consumer context that records revocations in a [`RebalanceLog`].
@@ -184,6 +195,13 @@ impl rdkafka::consumer::ConsumerContext for TrackingContext {
         if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
             let mut r = self.0.revoked.lock().expect("rebalance log poisoned");
             r.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
+        }
+    }
+
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
+            let mut a = self.0.assigned.lock().expect("rebalance log poisoned");
+            a.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
         }
     }
 }
@@ -200,5 +218,17 @@ pub fn store_position(consumer: &TrackedConsumer, topic: &str, partition: i32, p
         if let Err(error) = consumer.store_offsets(&tpl) {
             tracing::debug!(%error, topic, partition, "Offset not stored (partition no longer assigned).");
         }
+    }
+}
+
+/// Commits stored offsets synchronously at shutdown; "nothing stored since the last commit"
+/// is the normal case, not an error.
+pub fn final_commit(consumer: &TrackedConsumer, stage: &'static str) {
+    use rdkafka::consumer::Consumer;
+    match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+            tracing::info!(stage, "Finished offsets committed.");
+        }
+        Err(error) => tracing::warn!(%error, stage, "Final commit failed; the unfinished tail will be replayed."),
     }
 }

@@ -64,7 +64,7 @@ url = "{other}"
     assert_eq!(b["contact"]["contactId"], "PID-66");
     assert_eq!(ant.headers["x-api-key"], "k1");
     let wh = standardwebhooks::Webhook::new(SECRET).unwrap();
-    let mut hm = http::HeaderMap::new();
+    let mut hm = reqwest::header::HeaderMap::new();
     for n in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
         hm.insert(n, ant.headers[n].parse().unwrap());
     }

@@ -103,6 +103,11 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
         for tp in log.revoked.lock().expect("rebalance log poisoned").drain(..) {
             state.revoke(&ctx, &tp);
         }
+        for tp in log.assigned.lock().expect("rebalance log poisoned").drain(..) {
+            if tp.0 == config.topics.retry {
+                state.retry_partitions.insert(tp.1);
+            }
+        }
         let can_read = state.tracker.pending() + state.in_flight_parked.len() < d.max_in_flight * 4;
         tokio::select! {
             biased;
@@ -131,9 +136,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     }
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
-    if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        tracing::warn!(%error, "Final sender commit failed.");
-    }
+    crate::kafka::final_commit(&consumer, "sender");
     Ok(())
 }
 
@@ -142,7 +145,7 @@ struct LoopState {
     tracker: OffsetTracker,
     /// Parked deliveries being sent now, so the scheduler does not start them twice.
     in_flight_parked: HashSet<(i32, i64)>,
-    /// Retry partitions assigned to us, learnt from the records we read.
+    /// Retry partitions assigned to us; only their parked deliveries are sent.
     retry_partitions: HashSet<i32>,
     /// Retry partitions whose position may have moved since the last store.
     retry_dirty: HashSet<i32>,
@@ -170,7 +173,6 @@ impl LoopState {
         let source = SourceRef { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
         let payload = msg.payload().unwrap_or_default();
         if tp.0 == topics.retry {
-            self.retry_partitions.insert(tp.1);
             self.park_one(ctx, tasks, source, payload);
             return;
         }

@@ -174,9 +174,6 @@ pub async fn run_crm(shared: Arc<Shared>, shutdown: CancellationToken) -> Result
             store(&consumer, &tp, pos);
         }
     }
-    if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        tracing::warn!(%error, "Final ingest commit failed.");
-    }
-    tracing::info!("Ingest stopped; finished offsets committed.");
+    crate::kafka::final_commit(&consumer, "ingest");
     Ok(())
 }

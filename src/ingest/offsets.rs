@@ -41,6 +41,8 @@ impl OffsetTracker {
     /// Records that work on `offset` started.
     pub fn begin(&mut self, tp: &Tp, offset: i64) {
         let p = self.parts.entry(tp.clone()).or_default();
+        // The first offset read is where the committed position already is.
+        p.stored.get_or_insert(offset);
         if p.pending.insert(offset) {
             self.pending += 1;
         }

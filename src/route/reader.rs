@@ -15,7 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use super::subscription::Subscription;
-use super::{Change, Registry};
+use super::Change;
 use crate::kafka::{dead_letter, DeadLetter, SourceRef};
 use crate::render::Dialects;
 use crate::Shared;

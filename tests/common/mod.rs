@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
-pub mod tansu;
+//TMP pub mod tansu;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -61,6 +61,10 @@ grace_ms = 3000
 
 /// Starts the daemon in process and waits until it is ready.
 pub async fn start_daemon(config: Config) -> (hookd::Running, CancellationToken) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
     let stop = CancellationToken::new();
     let running = hookd::start(config, stop.clone()).await.expect("daemon starts");
     let shared = running.shared.clone();
