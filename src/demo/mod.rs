@@ -135,6 +135,8 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
     println!("hookd demo: published {} sample CRM events (the last one is malformed and goes to hookd.dlq); press ctrl-c to stop", EVENTS.lines().count());
     shutdown.cancelled().await;
     let result = daemon.await.context("daemon task")?;
+    drop(producer);
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the daemon's clients close first
     drop(mock);
     result.map_err(Into::into)
 }
