@@ -85,7 +85,7 @@ async fn publish(brokers: &str, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
-    let broker = Tansu::start(Storage::Memory);
+    let broker = Tansu::start(Storage::Sqlite("tansu.db".into()));
     create_topics(&broker.bootstrap, &TOPICS.map(|t| (t, 3)));
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -125,7 +125,7 @@ async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_restart_continues() {
-    let broker = Tansu::start(Storage::Memory);
+    let broker = Tansu::start(Storage::Sqlite("tansu.db".into()));
     create_topics(&broker.bootstrap, &TOPICS.map(|t| (t, 3)));
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();

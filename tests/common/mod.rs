@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
-//TMP pub mod tansu;
+pub mod tansu;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
