@@ -153,3 +153,26 @@ async fn sigterm_finishes_in_flight_work_and_restart_continues() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topics_are_created_at_start_up() {
+    let broker = Tansu::start(Storage::Sqlite("tansu.db".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &broker.bootstrap, "http://127.0.0.1:9/unused");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("create_topics = false", "create_topics = true\npartitions = 5");
+    std::fs::write(&cfg, text).unwrap();
+    let mut hookd = spawn_hookd(&cfg, &dir.path().join("run.log"));
+    let brokers = broker.bootstrap.clone();
+    wait_until(Duration::from_secs(60), "all seven topics with five partitions", || {
+        let brokers = brokers.clone();
+        async move {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+            let Ok(md) = c.fetch_metadata(None, Duration::from_secs(5)) else { return false };
+            TOPICS.iter().all(|t| md.topics().iter().any(|m| m.name() == *t && m.partitions().len() == 5))
+        }
+    })
+    .await;
+    unsafe { libc::kill(hookd.id() as i32, libc::SIGTERM) };
+    assert!(hookd.wait().unwrap().success());
+}

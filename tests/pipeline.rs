@@ -72,6 +72,27 @@ url = "{other}"
     let tc = got.iter().find(|r| r.path == "/tc").expect("teamcrop delivery");
     assert_eq!(tc.headers["tc-webhook-event"], "order.add");
     assert_eq!(body_json(tc), json!({"id": 2729898, "invoice_id": "SPIRAL"}));
+    let admin = format!("http://{}", daemon.admin);
+    let get = |path: &'static str| {
+        let url = format!("{admin}{path}");
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 200);
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for line in ["hookd_events_consumed_total{source=\"crm\"} 3", "hookd_deliveries_produced_total{source=\"crm\"} 2", "hookd_events_unmatched_total{source=\"crm\"} 1"] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
+    wait_until(Duration::from_secs(5), "success counted", || {
+        let m = daemon.shared.metrics.render();
+        async move { m.contains("hookd_deliveries_total{outcome=\"success\"} 2") }
+    })
+    .await;
+    assert!(metrics.contains("hookd_request_duration_seconds_bucket"), "{metrics}");
     stop.cancel();
     daemon.wait().await.unwrap();
 }
@@ -244,6 +265,43 @@ async fn private_targets_are_refused_without_the_allowlist() {
     let reason = header(&letters[0], "hookd-dlq-reason").unwrap();
     assert!(reason.contains("gave up after 1 attempt"), "{reason}");
     assert!(rx.requests().is_empty(), "nothing reached the loopback receiver");
+    stop.cancel();
+    daemon.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_retries_do_not_block_due_ones_and_teamcrop_wants_exactly_200() {
+    let (_mock, brokers) = mock_broker();
+    let rx = Receiver::start().await;
+    rx.set_mode(Mode::Status(201));
+    let state = tempfile::tempdir().unwrap();
+    // `slow` waits an hour before its retry; `quick` (teamcrop: 201 is a failure) retries after 1 s.
+    let subs = format!(
+        "[[subscription]]\nid = \"slow\"\ntenant = \"t\"\nurl = \"{}\"\nretry = {{ delays_secs = [3600] }}\n\
+         [[subscription]]\nid = \"quick\"\ntenant = \"t\"\nurl = \"{}\"\ndialect = \"teamcrop\"\nretry = {{ delays_secs = [1] }}\n",
+        rx.url("/slow"),
+        rx.url("/quick")
+    );
+    rx.set_path_mode("/slow", Mode::Status(503));
+    let (daemon, stop) = start_daemon(config(&brokers, state.path(), &subs)).await;
+    let p = producer(&brokers);
+    produce(&p, "crm.events", "t", Some(&crm_event("e1", "t", "order.created", json!({"order": {"id": 1}})))).await;
+    wait_until(Duration::from_secs(30), "both first attempts", || {
+        let n = rx.requests().len();
+        async move { n >= 2 }
+    })
+    .await;
+    rx.set_path_mode("/quick", Mode::Status(200));
+    wait_until(Duration::from_secs(30), "quick's retry while slow's waits in the retry store", || {
+        let n = rx.requests().iter().filter(|r| r.path == "/quick").count();
+        async move { n >= 2 }
+    })
+    .await;
+    assert_eq!(rx.requests().iter().filter(|r| r.path == "/slow").count(), 1, "slow's retry is an hour away");
+    let depth = daemon.shared.metrics.retry_queue_depth.get();
+    assert_eq!(depth, 1, "slow's retry is parked");
+    let m = daemon.shared.metrics.render();
+    assert!(m.contains("hookd_request_errors_total{kind=\"status\"} 2"), "{m}");
     stop.cancel();
     daemon.wait().await.unwrap();
 }

@@ -9,6 +9,7 @@
 //! Bad input never stops the stage: it becomes a dead letter with the reason. A render error
 //! for one subscription dead-letters that (event, subscription) pair only.
 
+pub mod chat;
 pub mod event;
 pub mod offsets;
 

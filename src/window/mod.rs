@@ -1,0 +1,31 @@
+//! Window: bundles a chat's messages per subscription and emits each bundle when its window closes.
+//!
+//! Chat messages routed to a subscription whose `aggregation` is a duration (`1h`, `6h`, `12h`,
+//! `24h`, or any such as `10s`) are not delivered one by one: all messages of one chat for one
+//! subscription within one window become one bundle, delivered as one webhook.
+//!
+//! - **Which window**: the message's own timestamp picks it (`start = floor(ts / size) * size`,
+//!   `end = start + size`), so replaying the same input rebuilds the same bundles.
+//! - **When it closes**: the wall clock ([`clock::Clock`]) closes it at `end + grace`, so a
+//!   chat that goes quiet still flushes. A close timer asks [`store::WindowStore::due`],
+//!   loads each bundle with [`store::WindowStore::begin_emit`], produces its delivery record
+//!   and, once the broker has acknowledged it, calls [`store::WindowStore::remove`].
+//! - **Late messages**: a message whose window was already emitted goes into the chat's next
+//!   bundle, flagged late; it is never dropped.
+//!
+//! Offsets (DESIGN section 2). The consumer of `chat.messages` owns its offsets; this stage
+//! tells it which one it may commit. Each poll batch is applied to sled in one atomic batch
+//! together with the partition's checkpoint (highest offset applied).
+//! [`store::WindowStore::position`] is the low-watermark: the smallest first offset of any
+//! bundle not yet removed, else one past the checkpoint. The consumer must flush sled before
+//! it commits a position, or a crash could leave Kafka ahead of what sled kept. On
+//! assignment it seeks to checkpoint + 1 when sled holds a checkpoint, else it replays from
+//! the committed offset; on revocation it calls [`store::WindowStore::drop_partition`] and
+//! the new owner rebuilds those bundles by replay. A bundle whose emission had begun when
+//! the process stopped is due again after a restart: a duplicate, never a loss.
+//!
+//! - [`clock`]: the wall clock, and a manual one for tests.
+//! - [`store`]: the sled-backed window store.
+
+pub mod clock;
+pub mod store;

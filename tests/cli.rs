@@ -1,0 +1,37 @@
+//! The `hookd` command line: `check-config` answers 0 for good files and names the bad key
+//! otherwise.
+
+use std::process::Command;
+
+fn hookd(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hookd")).args(args).output().expect("hookd runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn check_config_accepts_the_shipped_file() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/hookd.toml");
+    let (ok, stdout, stderr) = hookd(&["check-config", path]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[kafka]\nbrokers = \"x:1\"\ngroupid = \"g\"\n", "groupid"),
+        ("[delivery]\nallow_private_targets = [\"not-a-cidr\"]\n", "allow_private_targets"),
+        ("[[subscription]]\nid = \"s\"\ntenant = \"t\"\nurl = \"http://h/\"\ndialect = \"nosuch\"\n", "nosuch"),
+        ("[admin]\nlisten = \"nowhere\"\n", "listen"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (ok, _, stderr) = hookd(&["check-config", path.to_str().unwrap()]);
+        assert!(!ok, "{text} must be refused");
+        assert!(stderr.contains(key), "error for {text:?} should name `{key}`: {stderr}");
+    }
+    let (ok, _, stderr) = hookd(&["check-config", "/nonexistent/hookd.toml"]);
+    assert!(!ok && stderr.contains("cannot read"), "{stderr}");
+}
