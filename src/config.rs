@@ -36,6 +36,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub delivery: DeliveryConfig,
     pub shutdown: ShutdownConfig,
+    pub chat: ChatConfig,
     /// Custom dialects, `[dialect.<name>]`, defined without a rebuild.
     pub dialect: BTreeMap<String, DialectConfig>,
     /// Static subscriptions, `[[subscription]]`; the subscriptions topic adds to them.
@@ -209,6 +210,30 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Chat message bundling (subscriptions with `source = "chat"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    /// A window closes this long after its end, for messages still on their way.
+    pub grace_ms: u64,
+    /// How often closed windows are looked for.
+    pub close_interval_ms: u64,
+    /// Messages for bundles are written to sled in one batch per this many messages, or
+    /// per `batch_interval_ms`, whichever comes first.
+    pub max_batch: usize,
+    pub batch_interval_ms: u64,
+    /// minijinja template of the HTML `aggregation` summary; empty: the TimelinesAI one.
+    /// Context: `messages` (each with `sender`, `text`, `timestamp`, `time`), `chat`,
+    /// `account`, `permalink`, `link`. Auto-escaped as HTML.
+    pub summary_template: String,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self { grace_ms: 5_000, close_interval_ms: 250, max_batch: 500, batch_interval_ms: 20, summary_template: String::new() }
+    }
+}
+
 impl ShutdownConfig {
     pub fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
@@ -263,6 +288,11 @@ impl Config {
             return Err(invalid("ingest.max_in_flight and ingest.max_record_bytes must be at least 1".into()));
         }
         let dialects = Dialects::new(&self.dialect).map_err(|e| invalid(format!("dialect: {e}")))?;
+        if self.chat.max_batch == 0 || self.chat.close_interval_ms == 0 || self.chat.batch_interval_ms == 0 {
+            return Err(invalid("chat.max_batch, close_interval_ms and batch_interval_ms must be at least 1".into()));
+        }
+        let template = (!self.chat.summary_template.is_empty()).then_some(self.chat.summary_template.as_str());
+        crate::render::timelines::Summary::new(template).map_err(|e| invalid(format!("chat.summary_template: {e}")))?;
         let mut seen = HashSet::new();
         for s in &self.subscription {
             s.validate().map_err(invalid)?;

@@ -2,8 +2,10 @@
 //!
 //! Layout, in pipeline order (DESIGN section 1):
 //! - [`config`]: the TOML file, defaults and validation.
-//! - [`ingest`]: consumes `crm.events`, validates (bad input to `hookd.dlq`), routes and
-//!   renders, produces delivery records; owns the input offsets.
+//! - [`ingest`]: consumes `crm.events` and `chat.messages`, validates (bad input to
+//!   `hookd.dlq`), routes and renders, produces delivery records; owns the input offsets.
+//! - [`window`]: per (subscription, chat, window) bundles of chat messages in sled, closed by
+//!   a clock and emitted as one delivery each.
 //! - [`route`]: the subscription registry, from the config file and the compacted
 //!   `hookd.subscriptions` topic; tenant and event-filter matching.
 //! - [`render`]: dialects (antcrm, beeiq, teamcrop JSON/XML, doopage, standard, custom
@@ -26,6 +28,7 @@ pub mod kafka;
 pub mod render;
 pub mod route;
 pub mod telemetry;
+pub mod window;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -79,6 +82,8 @@ pub struct Shared {
     /// One idempotent producer for deliveries, retries and dead letters.
     pub producer: FutureProducer,
     pub ready: Ready,
+    /// Wall clock of window closing; tests supply a manual one.
+    pub clock: Arc<dyn window::clock::Clock>,
 }
 
 /// A started daemon.
@@ -104,6 +109,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// Starts the daemon: validates, creates topics, opens the state store, binds the admin
 /// server, then runs the stages in the background until `shutdown`.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    start_with_clock(config, shutdown, Arc::new(window::clock::SystemClock)).await
+}
+
+/// [`start`] with a given clock for window closing.
+pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock: Arc<dyn window::clock::Clock>) -> Result<Running, Error> {
     let dialects = config.validate()?;
     let metrics = Metrics::new();
     if config.kafka.create_topics {
@@ -117,7 +127,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     }
     let producer = kafka::producer(&config)?;
     let registry = Registry::new(&config.subscription);
-    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, ready: Ready::default() });
+    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, ready: Ready::default(), clock });
     let admin = admin::serve(shared.clone(), shutdown.clone()).await?;
     tracing::info!(listen = %admin, "Admin server listening.");
     let handle = tokio::spawn(supervise(shared.clone(), park, shutdown));
@@ -134,7 +144,8 @@ async fn supervise(shared: Arc<Shared>, park: ParkStore, stop: CancellationToken
         _ = stop.cancelled() => {}
         Some(r) = stages.join_next() => { stop.cancel(); return finish(r); }
     }
-    stages.spawn(tagged("ingest", ingest::run_crm(shared.clone(), stop.clone())));
+    let windows = window::store::WindowStore::open(park.db())?;
+    stages.spawn(tagged("ingest", ingest::run(shared.clone(), windows, park.db().clone(), stop.clone())));
     stages.spawn(tagged("sender", deliver::run(shared.clone(), park.clone(), stop.clone())));
     tracing::info!(subscriptions = shared.registry.index().len(), "hookd running.");
     let mut result = Ok(());

@@ -1,10 +1,14 @@
-//! Ingest: consume `crm.events`, validate, route, render, produce delivery records.
+//! Ingest: consume `crm.events` and `chat.messages` (one consumer group), validate, route,
+//! render, produce delivery records; chat messages for aggregating subscriptions go to the
+//! window store instead ([`crate::window`]).
 //!
 //! Offsets: `enable.auto.offset.store=false`; a record's offset is stored (and later
 //! committed in the background) only once every delivery record it produced, or its dead
-//! letter, has been acknowledged by the broker, and only when every earlier record of the
-//! partition is finished too ([`offsets::OffsetTracker`]). A crash therefore replays at most
-//! the unfinished tail, and the replayed deliveries carry the same `webhook-id`.
+//! letter, has been acknowledged by the broker, its bundle part (if any) is in the window
+//! store, and every earlier record of the partition is finished too
+//! ([`offsets::OffsetTracker`]). For chat partitions the position is further held at the
+//! oldest open bundle's first offset. A crash therefore replays at most the unfinished tail,
+//! and replayed deliveries carry the same `webhook-id`.
 //!
 //! Bad input never stops the stage: it becomes a dead letter with the reason. A render error
 //! for one subscription dead-letters that (event, subscription) pair only.
@@ -15,6 +19,7 @@ pub mod offsets;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -25,36 +30,63 @@ use tokio_util::task::TaskTracker;
 use crate::deliver::record::{webhook_id, DeliveryRecord};
 use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, SourceRef, TrackedConsumer};
 use crate::route::subscription::Source;
+use crate::window::stage::{ChatStage, Emission};
+use crate::window::store::{BundleKey, WindowStore};
 use crate::{Error, Shared};
 use event::CrmEvent;
 use offsets::{OffsetTracker, Tp};
 
-/// What one input record turned into; produced by a task, then its offset is finished.
-struct Work {
-    tp: Tp,
-    offset: i64,
-    deliveries: Vec<(String, Vec<u8>)>,
+/// What one input record turned into; settled by a task, then its offset is finished.
+pub struct Work {
+    pub tp: Tp,
+    pub offset: i64,
+    /// (subscription id, encoded delivery record).
+    pub deliveries: Vec<(String, Vec<u8>)>,
+    /// (reason, subscription id if the failure was one subscription's).
     letters: Vec<(String, Option<String>)>,
     original: Vec<u8>,
     key: Option<Vec<u8>>,
 }
 
-/// Decodes, routes and renders one record. Pure apart from the metrics.
-fn process(shared: &Shared, msg: &BorrowedMessage<'_>) -> Work {
-    let tp: Tp = (msg.topic().to_string(), msg.partition());
-    let source = SourceRef { topic: tp.0.clone(), partition: tp.1, offset: msg.offset() };
+impl Work {
+    pub fn new(msg: &BorrowedMessage<'_>) -> Self {
+        Self {
+            tp: (msg.topic().to_string(), msg.partition()),
+            offset: msg.offset(),
+            deliveries: Vec::new(),
+            letters: Vec::new(),
+            original: Vec::new(),
+            key: msg.key().map(<[u8]>::to_vec),
+        }
+    }
+
+    pub fn source(&self) -> SourceRef {
+        SourceRef { topic: self.tp.0.clone(), partition: self.tp.1, offset: self.offset }
+    }
+
+    /// Records a dead letter for this input (all of it, or one subscription's part).
+    pub fn dead_letter(&mut self, reason: String, subscription: Option<String>, original: &[u8]) {
+        if self.original.is_empty() {
+            self.original = original.to_vec();
+        }
+        self.letters.push((reason, subscription));
+    }
+}
+
+/// Decodes, routes and renders one CRM record.
+fn process_crm(shared: &Shared, msg: &BorrowedMessage<'_>) -> Work {
+    let mut work = Work::new(msg);
     let original = msg.payload().unwrap_or_default();
-    let mut work = Work { tp, offset: msg.offset(), deliveries: Vec::new(), letters: Vec::new(), original: Vec::new(), key: msg.key().map(<[u8]>::to_vec) };
     let event = match CrmEvent::decode(original, shared.config.ingest.max_record_bytes) {
         Ok(e) => e,
         Err(e) => {
-            work.letters.push((e.to_string(), None));
-            work.original = original.to_vec();
+            work.dead_letter(e.to_string(), None, original);
             return work;
         }
     };
     let index = shared.registry.index();
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = shared.clock.now_ms();
+    let source = work.source();
     for sub in index.matching(&event.tenant, Source::Crm, &event.event_type) {
         match shared.dialects.render_crm(&sub.dialect, sub.format, &event) {
             Ok(r) => {
@@ -74,11 +106,8 @@ fn process(shared: &Shared, msg: &BorrowedMessage<'_>) -> Work {
                 };
                 work.deliveries.push((sub.id.clone(), record.encode()));
             }
-            Err(e) => work.letters.push((format!("render failed for subscription `{}`: {e}", sub.id), Some(sub.id.clone()))),
+            Err(e) => work.dead_letter(format!("render failed for subscription `{}`: {e}", sub.id), Some(sub.id.clone()), original),
         }
-    }
-    if !work.letters.is_empty() {
-        work.original = original.to_vec();
     }
     if work.deliveries.is_empty() && work.letters.is_empty() {
         shared.metrics.events_unmatched.with_label_values(&["crm"]).inc();
@@ -86,15 +115,23 @@ fn process(shared: &Shared, msg: &BorrowedMessage<'_>) -> Work {
     work
 }
 
+fn source_label(shared: &Shared, topic: &str) -> &'static str {
+    if topic == shared.config.topics.chat_messages {
+        "chat"
+    } else {
+        "crm"
+    }
+}
+
 /// Produces a record's deliveries and dead letters; true when all are acknowledged.
 async fn settle(shared: &Shared, work: &Work, stop: &CancellationToken) -> bool {
     let topic = &shared.config.topics.deliveries;
     let sends = work.deliveries.iter().map(|(sub, bytes)| produce_until_acked(&shared.producer, topic, Some(sub.as_bytes()), bytes, None, stop));
-    let results = futures::future::join_all(sends).await;
-    if results.iter().any(Result::is_err) {
+    if futures::future::join_all(sends).await.iter().any(Result::is_err) {
         return false;
     }
-    shared.metrics.deliveries_produced.with_label_values(&["crm"]).inc_by(work.deliveries.len() as u64);
+    let label = source_label(shared, &work.tp.0);
+    shared.metrics.deliveries_produced.with_label_values(&[label]).inc_by(work.deliveries.len() as u64);
     for (reason, sub) in &work.letters {
         let stage = if sub.is_some() { "render" } else { "ingest" };
         let letter = DeadLetter {
@@ -102,7 +139,7 @@ async fn settle(shared: &Shared, work: &Work, stop: &CancellationToken) -> bool 
             key: work.key.as_deref(),
             reason: reason.clone(),
             stage,
-            source: SourceRef { topic: work.tp.0.clone(), partition: work.tp.1, offset: work.offset },
+            source: work.source(),
             subscription_id: sub.as_deref(),
         };
         if dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, stop).await.is_err() {
@@ -112,68 +149,163 @@ async fn settle(shared: &Shared, work: &Work, stop: &CancellationToken) -> bool 
     true
 }
 
-fn store(consumer: &TrackedConsumer, tp: &Tp, position: i64) {
-    store_position(consumer, &tp.0, tp.1, position);
+/// What a settling task reports back to the loop.
+enum Done {
+    Record(Tp, i64),
+    Emitted(BundleKey, i32),
 }
 
-/// Runs the CRM ingest until `shutdown`; then lets in-flight records settle within the grace
-/// and commits what is finished.
-pub async fn run_crm(shared: Arc<Shared>, shutdown: CancellationToken) -> Result<(), Error> {
+/// The ingest loop's state.
+struct Ingest {
+    shared: Arc<Shared>,
+    tracker: OffsetTracker,
+    chat: ChatStage,
+    tasks: TaskTracker,
+    done: mpsc::UnboundedSender<Done>,
+    stop: CancellationToken,
+    /// The sled database of the window store, flushed on the close tick.
+    db: sled::Db,
+}
+
+impl Ingest {
+    fn spawn_settle(&self, work: Work) {
+        let (shared, done, stop) = (self.shared.clone(), self.done.clone(), self.stop.clone());
+        self.tasks.spawn(async move {
+            if settle(&shared, &work, &stop).await {
+                let _ = done.send(Done::Record(work.tp, work.offset));
+            }
+        });
+    }
+
+    fn spawn_emission(&self, e: Emission) {
+        let (shared, done, stop) = (self.shared.clone(), self.done.clone(), self.stop.clone());
+        self.tasks.spawn(async move {
+            let topic = &shared.config.topics.deliveries;
+            if produce_until_acked(&shared.producer, topic, Some(e.sub_id.as_bytes()), &e.record, None, &stop).await.is_ok() {
+                shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
+                let _ = done.send(Done::Emitted(e.key, e.partition));
+            }
+        });
+    }
+
+    fn on_message(&mut self, msg: &BorrowedMessage<'_>) {
+        let label = source_label(&self.shared, msg.topic());
+        self.shared.metrics.events_consumed.with_label_values(&[label]).inc();
+        self.tracker.begin(&(msg.topic().to_string(), msg.partition()), msg.offset());
+        if label == "crm" {
+            let work = process_crm(&self.shared, msg);
+            return self.spawn_settle(work);
+        }
+        let (work, parts) = crate::window::stage::process(&self.shared, &self.chat.store, msg);
+        if parts.is_empty() {
+            return self.spawn_settle(work);
+        }
+        self.chat.buffer(work, parts);
+        if self.chat.buffered() >= self.shared.config.chat.max_batch {
+            self.apply_batch();
+        }
+    }
+
+    fn apply_batch(&mut self) {
+        for work in self.chat.apply_batch(&self.shared) {
+            self.spawn_settle(work);
+        }
+    }
+
+    fn on_done(&mut self, consumer: &TrackedConsumer, done: Done) {
+        match done {
+            Done::Record(tp, offset) => {
+                let pos = self.tracker.finish(&tp, offset);
+                if tp.0 == self.chat.topic() {
+                    self.store_chat_position(consumer, tp.1);
+                } else if let Some(pos) = pos {
+                    store_position(consumer, &tp.0, tp.1, pos);
+                }
+            }
+            Done::Emitted(key, partition) => {
+                self.chat.emitted(&self.shared, &key);
+                self.store_chat_position(consumer, partition);
+            }
+        }
+    }
+
+    fn store_chat_position(&mut self, consumer: &TrackedConsumer, partition: i32) {
+        if let Some(pos) = self.chat.position(&self.tracker, partition) {
+            let topic = self.chat.topic().to_string();
+            store_position(consumer, &topic, partition, pos);
+        }
+    }
+
+    fn on_close_tick(&mut self) {
+        for e in self.chat.due(&self.shared) {
+            self.spawn_emission(e);
+        }
+    }
+
+    fn revoke(&mut self, tp: &Tp) {
+        self.tracker.revoke(tp);
+        if tp.0 == self.chat.topic() {
+            self.chat.revoke(tp.1);
+        }
+    }
+}
+
+/// Runs ingest until `shutdown`; then lets in-flight records settle within the grace and
+/// commits what is finished. Open bundles stay in the window store for the next start.
+pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdown: CancellationToken) -> Result<(), Error> {
     let config = &shared.config;
     let log = Arc::new(crate::kafka::RebalanceLog::default());
     let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &config.kafka.group_id)
         .create_with_context(crate::kafka::TrackingContext(log.clone()))?;
-    consumer.subscribe(&[&config.topics.crm_events])?;
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Tp, i64)>();
-    let hard_stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let mut tracker = OffsetTracker::default();
+    consumer.subscribe(&[&config.topics.crm_events, &config.topics.chat_messages])?;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let chat = ChatStage::new(&shared, windows).map_err(|e| Error::Http(e.to_string()))?;
+    shared.metrics.open_bundles.set(chat.store.open_bundles() as i64);
+    let mut s = Ingest { shared: shared.clone(), tracker: OffsetTracker::default(), chat, tasks: TaskTracker::new(), done: done_tx, stop: CancellationToken::new(), db };
+    let mut batch_tick = tokio::time::interval(Duration::from_millis(config.chat.batch_interval_ms));
+    let mut close_tick = tokio::time::interval(Duration::from_millis(config.chat.close_interval_ms));
+    batch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    close_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     shared.ready.ingest.store(true, Ordering::Relaxed);
     loop {
         for tp in log.revoked.lock().expect("rebalance log poisoned").drain(..) {
-            tracker.revoke(&tp);
+            s.revoke(&tp);
         }
-        let can_read = tracker.pending() < config.ingest.max_in_flight;
+        log.assigned.lock().expect("rebalance log poisoned").clear();
+        let can_read = s.tracker.pending() < config.ingest.max_in_flight;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some((tp, offset)) = done_rx.recv() => {
-                if let Some(pos) = tracker.finish(&tp, offset) {
-                    store(&consumer, &tp, pos);
-                }
-            }
+            Some(done) = done_rx.recv() => s.on_done(&consumer, done),
             m = consumer.recv(), if can_read => match m {
-                Ok(msg) => {
-                    shared.metrics.events_consumed.with_label_values(&["crm"]).inc();
-                    let work = process(&shared, &msg);
-                    tracker.begin(&work.tp, work.offset);
-                    let (shared, done, stop) = (shared.clone(), done_tx.clone(), hard_stop.clone());
-                    tasks.spawn(async move {
-                        if settle(&shared, &work, &stop).await {
-                            let _ = done.send((work.tp, work.offset));
-                        }
-                    });
-                }
+                Ok(msg) => s.on_message(&msg),
                 Err(error) => tracing::warn!(%error, "Ingest consumer error."),
             },
+            _ = batch_tick.tick() => s.apply_batch(),
+            _ = close_tick.tick() => {
+                s.on_close_tick();
+                if let Err(error) = s.db.flush_async().await {
+                    tracing::error!(%error, "Window store flush failed.");
+                }
+            }
         }
     }
-    tasks.close();
+    s.apply_batch();
+    s.tasks.close();
     let grace = tokio::time::sleep(config.shutdown.grace());
     tokio::pin!(grace);
     loop {
         tokio::select! {
-            Some((tp, offset)) = done_rx.recv() => {
-                if let Some(pos) = tracker.finish(&tp, offset) { store(&consumer, &tp, pos); }
-            }
-            _ = tasks.wait() => break,
-            _ = &mut grace => { hard_stop.cancel(); tasks.wait().await; break; }
+            Some(done) = done_rx.recv() => s.on_done(&consumer, done),
+            _ = s.tasks.wait() => break,
+            _ = &mut grace => { s.stop.cancel(); s.tasks.wait().await; break; }
         }
     }
-    while let Ok((tp, offset)) = done_rx.try_recv() {
-        if let Some(pos) = tracker.finish(&tp, offset) {
-            store(&consumer, &tp, pos);
-        }
+    while let Ok(done) = done_rx.try_recv() {
+        s.on_done(&consumer, done);
+    }
+    if let Err(error) = s.db.flush_async().await {
+        tracing::error!(%error, "Window store flush failed at shutdown.");
     }
     crate::kafka::final_commit(&consumer, "ingest");
     Ok(())

@@ -73,6 +73,11 @@ impl OffsetTracker {
         }
     }
 
+    /// The current position of one partition, if anything was read from it.
+    pub fn position(&self, tp: &Tp) -> Option<i64> {
+        self.parts.get(tp).and_then(Partition::position)
+    }
+
     /// Records begun and not finished, over all partitions (backpressure measure).
     pub fn pending(&self) -> usize {
         self.pending

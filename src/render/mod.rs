@@ -20,6 +20,7 @@ mod builtin;
 mod context;
 mod custom;
 mod names;
+pub mod timelines;
 mod xml;
 
 #[cfg(test)]

@@ -186,6 +186,12 @@ impl Subscription {
         if self.source == Source::Crm && self.aggregation != Aggregation::None {
             return Err(ctx("`aggregation` applies to `source = \"chat\"` only".into()));
         }
+        if self.source == Source::Chat && !matches!(self.dialect.as_str(), "timelines" | "standard") {
+            return Err(ctx(format!(
+                "chat subscriptions send TimelinesAI payloads: set `dialect = \"timelines\"` or leave it out, not `{}`",
+                self.dialect
+            )));
+        }
         for (name, value) in &self.headers {
             reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ctx(format!("header name `{name}` is not valid")))?;

@@ -43,6 +43,18 @@ pub struct Metrics {
     pub state_wipes: IntCounter,
     /// Chat messages not delivered because they carry attachments.
     pub chat_skipped: IntCounterVec,
+    /// Chat messages that arrived after their window was emitted (put in the next bundle).
+    pub chat_late: IntCounter,
+    /// Bundles open in the window store.
+    pub open_bundles: IntGauge,
+    /// Bundles emitted as delivery records.
+    pub bundles_emitted: IntCounter,
+}
+
+fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    reg.register(Box::new(c.clone())).expect("metric registered once");
+    c
 }
 
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -74,9 +86,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let state_wipes = IntCounter::new("hookd_state_wipes_total", "State store wiped and rebuilt from Kafka").expect("valid");
-        r.register(Box::new(state_wipes.clone())).expect("registered once");
-        let m = Self {
+        Self {
+            state_wipes: int_counter(&r, "hookd_state_wipes_total", "State store wiped and rebuilt from Kafka"),
+            chat_late: int_counter(&r, "hookd_chat_messages_late_total", "Chat messages that missed their window"),
+            open_bundles: gauge(&r, "hookd_open_bundles", "Bundles open in the window store"),
+            bundles_emitted: int_counter(&r, "hookd_bundles_emitted_total", "Bundles emitted as delivery records"),
             events_consumed: counter(&r, "hookd_events_consumed_total", "Input records read", &["source"]),
             deliveries_produced: counter(&r, "hookd_deliveries_produced_total", "Delivery records produced", &["source"]),
             events_unmatched: counter(&r, "hookd_events_unmatched_total", "Input records matching no subscription", &["source"]),
@@ -96,10 +110,8 @@ impl Metrics {
             requests_in_flight: gauge(&r, "hookd_requests_in_flight", "Webhook requests in flight"),
             subscriptions: gauge(&r, "hookd_subscriptions", "Subscriptions known"),
             chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
-            state_wipes,
             registry: r,
-        };
-        m
+        }
     }
 
     /// Prometheus text exposition of every metric.

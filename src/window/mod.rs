@@ -28,4 +28,5 @@
 //! - [`store`]: the sled-backed window store.
 
 pub mod clock;
+pub mod stage;
 pub mod store;

@@ -1,0 +1,276 @@
+//! The Kafka side of chat bundling: routing `chat.messages`, batched window writes, the
+//! close timer, and the offsets of chat partitions.
+//!
+//! A chat message is finished for offset purposes when its pass-through deliveries are
+//! acknowledged and its aggregated part is applied to the window store. The position stored
+//! for a chat partition is the smaller of the offset tracker's (pass-through in flight) and the
+//! store's low-watermark (the smallest first offset of any open bundle, DESIGN section 2), so
+//! the committed offset never passes a message whose bundle was not yet emitted and
+//! acknowledged. After a restart with the store intact, the aggregated part of messages at or
+//! below the store's checkpoint is skipped (it is in the store already); pass-through is done
+//! again (duplicates carry the same `webhook-id`). With the store lost, replay rebuilds it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use rdkafka::message::{BorrowedMessage, Message};
+
+use super::clock::Clock;
+use super::store::{Bundle, BundleKey, Incoming, WindowStore};
+use crate::deliver::record::{webhook_id, DeliveryRecord};
+use crate::ingest::chat::ChatMessage;
+use crate::ingest::offsets::{OffsetTracker, Tp};
+use crate::ingest::Work;
+use crate::kafka::SourceRef;
+use crate::render::timelines::{self, BundleHeader, Summary};
+use crate::route::subscription::{Aggregation, Source};
+use crate::Shared;
+
+/// A message's aggregated part, waiting for the next store batch.
+pub struct Pending {
+    sub_id: String,
+    chat_id: String,
+    partition: i32,
+    offset: i64,
+    ts_ms: i64,
+    size_ms: i64,
+    message: Vec<u8>,
+    header: Vec<u8>,
+}
+
+/// Routes one chat message: pass-through deliveries into the work, bundle parts returned.
+pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) -> (Work, Vec<Pending>) {
+    let mut work = Work::new(msg);
+    let mut pending = Vec::new();
+    let original = msg.payload().unwrap_or_default();
+    let m = match ChatMessage::decode(original, shared.config.ingest.max_record_bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            work.dead_letter(e.to_string(), None, original);
+            return (work, pending);
+        }
+    };
+    if m.has_attachments() {
+        shared.metrics.chat_skipped.with_label_values(&["attachments"]).inc();
+        return (work, pending);
+    }
+    let event_type = format!("message.{}", m.direction);
+    let index = shared.registry.index();
+    let applied = store.checkpoint(work.tp.1).ok().flatten();
+    let now = shared.clock.now_ms();
+    let source = work.source();
+    let (mut single, mut header) = (None, None);
+    for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
+        match sub.aggregation {
+            Aggregation::None => {
+                let body = single.get_or_insert_with(|| timelines::single_payload(&m)).clone();
+                work.deliveries.push((sub.id.clone(), chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone())));
+            }
+            Aggregation::Every(size) if applied.is_none_or(|c| work.offset > c) => {
+                let header = header.get_or_insert_with(|| serde_json::to_vec(&BundleHeader::from_message(&m)).expect("header serialises"));
+                pending.push(Pending {
+                    sub_id: sub.id.clone(),
+                    chat_id: m.chat_id.clone(),
+                    partition: work.tp.1,
+                    offset: work.offset,
+                    ts_ms: m.timestamp_ms(),
+                    size_ms: size.as_millis() as i64,
+                    message: serde_json::to_vec(&timelines::message_object(&m)).expect("message serialises"),
+                    header: header.clone(),
+                });
+            }
+            Aggregation::Every(_) => {} // already in the window store (offset <= its checkpoint)
+        }
+    }
+    if work.deliveries.is_empty() && pending.is_empty() {
+        shared.metrics.events_unmatched.with_label_values(&["chat"]).inc();
+    }
+    (work, pending)
+}
+
+fn chat_record(sub: &str, tenant: &str, id: String, event: &str, body: Vec<u8>, now: i64, source: SourceRef) -> Vec<u8> {
+    DeliveryRecord {
+        id,
+        subscription_id: sub.to_string(),
+        tenant: tenant.to_string(),
+        event_name: event.to_string(),
+        attempt: 1,
+        not_before_ms: now,
+        created_ms: now,
+        content_type: "application/json".into(),
+        body,
+        headers: Vec::new(),
+        last_error: None,
+        source,
+    }
+    .encode()
+}
+
+/// Chat state owned by the ingest loop.
+pub struct ChatStage {
+    pub store: WindowStore,
+    summary: Summary,
+    clock: Arc<dyn Clock>,
+    pending: Vec<Pending>,
+    /// Works whose aggregated part is in `pending`; settled after the batch is applied.
+    waiting: Vec<Work>,
+    /// Bundles being delivered now.
+    emitting: HashSet<BundleKey>,
+    /// Last position stored per chat partition.
+    stored: HashMap<i32, i64>,
+    topic: String,
+}
+
+/// A bundle ready to be produced as a delivery record.
+pub struct Emission {
+    pub key: BundleKey,
+    pub partition: i32,
+    pub sub_id: String,
+    pub record: Vec<u8>,
+}
+
+impl ChatStage {
+    pub fn new(shared: &Shared, store: WindowStore) -> Result<Self, crate::render::RenderError> {
+        let t = &shared.config.chat.summary_template;
+        Ok(Self {
+            store,
+            summary: Summary::new((!t.is_empty()).then_some(t.as_str()))?,
+            clock: shared.clock.clone(),
+            pending: Vec::new(),
+            waiting: Vec::new(),
+            emitting: HashSet::new(),
+            stored: HashMap::new(),
+            topic: shared.config.topics.chat_messages.clone(),
+        })
+    }
+
+    pub fn buffer(&mut self, work: Work, parts: Vec<Pending>) {
+        self.pending.extend(parts);
+        self.waiting.push(work);
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Applies the buffered messages as one store batch; returns the works now free to settle.
+    pub fn apply_batch(&mut self, shared: &Shared) -> Vec<Work> {
+        if self.pending.is_empty() {
+            return std::mem::take(&mut self.waiting);
+        }
+        let grace_ms = shared.config.chat.grace_ms as i64;
+        let batch: Vec<Incoming<'_>> = self
+            .pending
+            .iter()
+            .map(|p| Incoming {
+                sub_id: &p.sub_id,
+                chat_id: &p.chat_id,
+                partition: p.partition,
+                offset: p.offset,
+                ts_ms: p.ts_ms,
+                size_ms: p.size_ms,
+                grace_ms,
+                message: &p.message,
+                header: &p.header,
+            })
+            .collect();
+        match self.store.apply(&batch) {
+            Ok(placed) => {
+                let late = placed.iter().filter(|(_, late)| *late).count();
+                if late > 0 {
+                    shared.metrics.chat_late.inc_by(late as u64);
+                }
+                shared.metrics.open_bundles.set(self.store.open_bundles() as i64);
+                self.pending.clear();
+                std::mem::take(&mut self.waiting)
+            }
+            Err(error) => {
+                tracing::error!(%error, "Window store write failed; retrying with the next batch.");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Drops everything of a revoked partition; its next owner rebuilds it by replay.
+    pub fn revoke(&mut self, partition: i32) {
+        self.pending.retain(|p| p.partition != partition);
+        self.waiting.retain(|w| w.tp.1 != partition);
+        self.stored.remove(&partition);
+        match self.store.drop_partition(partition) {
+            Ok(n) => tracing::info!(partition, bundles = n, "Chat partition revoked; its open bundles are left to the new owner."),
+            Err(error) => tracing::error!(%error, partition, "Dropping a revoked chat partition failed."),
+        }
+    }
+
+    /// Bundles whose window closed, rendered, marked as being emitted.
+    pub fn due(&mut self, shared: &Shared) -> Vec<Emission> {
+        let now = self.clock.now_ms();
+        let keys = match self.store.due(now, 256) {
+            Ok(k) => k,
+            Err(error) => {
+                tracing::error!(%error, "Reading due windows failed.");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for key in keys {
+            if self.emitting.contains(&key) {
+                continue;
+            }
+            match self.store.begin_emit(&key) {
+                Ok(Some(bundle)) => match self.render(shared, &bundle) {
+                    Ok(record) => {
+                        self.emitting.insert(key.clone());
+                        out.push(Emission { partition: bundle.partition, sub_id: key.sub_id.clone(), key, record });
+                    }
+                    Err(error) => tracing::error!(%error, sub = %key.sub_id, chat = %key.chat_id, "Bundle could not be rendered."),
+                },
+                Ok(None) => {}
+                Err(error) => tracing::error!(%error, "Loading a due bundle failed."),
+            }
+        }
+        out
+    }
+
+    fn render(&self, shared: &Shared, b: &Bundle) -> Result<Vec<u8>, String> {
+        let header: BundleHeader = serde_json::from_slice(&b.header).map_err(|e| format!("bundle header: {e}"))?;
+        let messages: Vec<serde_json::Value> =
+            b.messages.iter().map(|m| serde_json::from_slice(m)).collect::<Result<_, _>>().map_err(|e| format!("bundle message: {e}"))?;
+        let summary = self.summary.render(&messages, &header).map_err(|e| e.to_string())?;
+        let body = timelines::bundle_payload(&header, &messages, &summary);
+        let tenant = shared.registry.index().get(&b.key.sub_id).map(|s| s.tenant.clone()).unwrap_or_default();
+        let id = webhook_id(&b.key.sub_id, &format!("bundle:{}:{}", b.key.chat_id, b.key.start_ms));
+        let source = SourceRef { topic: self.topic.clone(), partition: b.partition, offset: b.first_offset };
+        let now = self.clock.now_ms();
+        Ok(chat_record(&b.key.sub_id, &tenant, id, "bundle", body, now, source))
+    }
+
+    /// A bundle's delivery record was acknowledged: forget the bundle.
+    pub fn emitted(&mut self, shared: &Shared, key: &BundleKey) {
+        self.emitting.remove(key);
+        if let Err(error) = self.store.remove(key) {
+            tracing::error!(%error, "Removing an emitted bundle failed; it will be sent again.");
+        }
+        shared.metrics.bundles_emitted.inc();
+        shared.metrics.open_bundles.set(self.store.open_bundles() as i64);
+    }
+
+    /// The position to store for a chat partition now, if it moved forward.
+    pub fn position(&mut self, tracker: &OffsetTracker, partition: i32) -> Option<i64> {
+        let tp: Tp = (self.topic.clone(), partition);
+        let store = self.store.position(partition).ok().flatten();
+        let pos = match (tracker.position(&tp), store) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        if self.stored.get(&partition).is_some_and(|s| *s >= pos) {
+            return None;
+        }
+        self.stored.insert(partition, pos);
+        Some(pos)
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
