@@ -130,56 +130,39 @@ impl WindowStore {
         }
         let _write = self.lock();
         let mut markers: HashMap<Vec<u8>, Option<i64>> = HashMap::new();
-        let mut touched: HashMap<Vec<u8>, (Option<Vec<Part>>, Meta)> = HashMap::new();
+        let mut slots: HashMap<Vec<u8>, Slot> = HashMap::new();
         let mut ckpts: HashMap<i32, i64> = HashMap::new();
         let mut b = Batch::default();
         let mut out = Vec::with_capacity(batch.len());
         for m in batch {
-            let mut id = Vec::with_capacity(16 + m.sub_id.len() + m.chat_id.len());
-            put_str(&mut id, m.sub_id);
-            put_str(&mut id, m.chat_id);
-            let marker = match markers.get(&id) {
+            let mut pair = Vec::with_capacity(16 + m.sub_id.len() + m.chat_id.len());
+            put_str(&mut pair, m.sub_id);
+            put_str(&mut pair, m.chat_id);
+            let marker = match markers.get(&pair) {
                 Some(marker) => *marker,
                 None => {
-                    let marker = self.tree.get(tagged(b'e', &[&id]))?.map(|v| unord(&v));
-                    markers.insert(id.clone(), marker);
+                    let marker = self.tree.get(tagged(b'e', &[&pair]))?.map(|v| unord(&v));
+                    markers.insert(pair.clone(), marker);
                     marker
                 }
             };
-            let (start_ms, late) = place(m.ts_ms, m.size_ms, marker);
-            id.extend_from_slice(&ord(start_ms));
-            if !touched.contains_key(&id) {
-                let entry = match self.meta(&id)? {
-                    Some(meta) => (Some(meta.parts.clone()), meta),
-                    None => (None, Meta::new(start_ms, m)),
-                };
-                touched.insert(id.clone(), entry);
+            let (mut start_ms, mut late) = place(m.ts_ms, m.size_ms, marker);
+            let mut id = [&pair[..], &ord(start_ms)].concat();
+            let slot = self.slot(&mut slots, &id, start_ms, m)?;
+            if slot.meta.emitting {
+                // The window size changed since that bundle was emitted: still late, never into it.
+                (start_ms, late) = (slot.meta.end_ms.max(marker.unwrap_or(i64::MIN)), true);
+                id = [&pair[..], &ord(start_ms)].concat();
             }
-            let (_, meta) = touched.get_mut(&id).expect("inserted above");
-            meta.add(m, late);
+            let slot = self.slot(&mut slots, &id, start_ms, m)?;
+            slot.meta.add(m, late);
+            slot.dirty = true;
             b.insert(msg_key(&id, m.ts_ms, m.partition, m.offset), m.message);
             let ckpt = ckpts.entry(m.partition).or_insert(m.offset);
             *ckpt = (*ckpt).max(m.offset);
             out.push((BundleKey { sub_id: m.sub_id.to_owned(), chat_id: m.chat_id.to_owned(), start_ms }, late));
         }
-        let mut created: i64 = 0;
-        for (id, (before, meta)) in &touched {
-            let before: &[Part] = match before {
-                Some(parts) => parts,
-                None => {
-                    created += 1;
-                    b.insert(tagged(b'd', &[&ord(meta.close_at_ms), id]), &[]);
-                    &[]
-                }
-            };
-            for p in before.iter().filter(|p| !meta.parts.contains(p)) {
-                b.remove(wm_key(p.partition, p.first_offset, id));
-            }
-            for p in meta.parts.iter().filter(|p| !before.contains(p)) {
-                b.insert(wm_key(p.partition, p.first_offset, id), &[]);
-            }
-            b.insert(tagged(b'b', &[id]), meta.encode());
-        }
+        let created = write_slots(&mut b, &slots);
         for (partition, offset) in ckpts {
             if self.checkpoint(partition)?.is_none_or(|c| c < offset) {
                 b.insert(&ckpt_key(partition), &ord(offset));
@@ -322,6 +305,18 @@ impl WindowStore {
         }
     }
 
+    /// The bundle `id` as this batch sees it: loaded once, then changed in memory.
+    fn slot<'s>(&self, slots: &'s mut HashMap<Vec<u8>, Slot>, id: &[u8], start_ms: i64, m: &Incoming<'_>) -> Result<&'s mut Slot, sled::Error> {
+        if !slots.contains_key(id) {
+            let slot = match self.meta(id)? {
+                Some(meta) => Slot { before: Some(meta.parts.clone()), meta, dirty: false },
+                None => Slot { before: None, meta: Meta::new(start_ms, m), dirty: false },
+            };
+            slots.insert(id.to_vec(), slot);
+        }
+        Ok(slots.get_mut(id).expect("inserted above"))
+    }
+
     fn delete_bundle(&self, b: &mut Batch, id: &[u8], meta: &Meta) -> Result<(), sled::Error> {
         for kv in self.tree.scan_prefix(tagged(b'm', &[id])) {
             b.remove(kv?.0);
@@ -382,6 +377,40 @@ impl BundleKey {
         let chat_id = r.string()?;
         Some(Self { sub_id, chat_id, start_ms: unord(r.take(8)?) })
     }
+}
+
+/// A bundle touched by one `apply`: its metadata before and after the batch.
+struct Slot {
+    /// Watermark entries as stored; `None` for a bundle this batch creates.
+    before: Option<Vec<Part>>,
+    meta: Meta,
+    /// A message was added (a slot may be loaded only to find it is being emitted).
+    dirty: bool,
+}
+
+/// Adds the metas, due and watermark entries of one `apply` to its batch; returns how many
+/// bundles it creates.
+fn write_slots(b: &mut Batch, slots: &HashMap<Vec<u8>, Slot>) -> i64 {
+    let mut created = 0;
+    for (id, slot) in slots.iter().filter(|(_, s)| s.dirty) {
+        let meta = &slot.meta;
+        let before: &[Part] = match &slot.before {
+            Some(parts) => parts,
+            None => {
+                created += 1;
+                b.insert(tagged(b'd', &[&ord(meta.close_at_ms), id]), &[]);
+                &[]
+            }
+        };
+        for p in before.iter().filter(|p| !meta.parts.contains(p)) {
+            b.remove(wm_key(p.partition, p.first_offset, id));
+        }
+        for p in meta.parts.iter().filter(|p| !before.contains(p)) {
+            b.insert(wm_key(p.partition, p.first_offset, id), &[]);
+        }
+        b.insert(tagged(b'b', &[id]), meta.encode());
+    }
+    created
 }
 
 /// What the store keeps about a bundle besides its messages.
@@ -680,6 +709,20 @@ mod tests {
         assert_eq!((texts(&next), next.late, next.first_ts_ms), (vec!["m2", "m3"], true, 20 * MIN));
         let placed = s.apply(&[msg("s", "c", 0, 5, 30 * MIN, b"m4")]).unwrap();
         assert_eq!(placed, [(key("s", "c", 2 * H), true)], "the marker moved on");
+    }
+
+    #[test]
+    fn resized_window_never_joins_a_bundle_being_emitted() {
+        let (_dir, s) = open();
+        s.apply(&[msg("s", "c", 0, 1, 10 * MIN, b"1h")]).unwrap();
+        s.begin_emit(&key("s", "c", 0)).unwrap().unwrap();
+        let mut day = msg("s", "c", 0, 2, 30 * MIN, b"24h");
+        day.size_ms = 24 * H;
+        assert_eq!(s.apply(&[day]).unwrap(), [(key("s", "c", H), true)], "its 24h window starts where the emitted 1h one did");
+        assert_eq!(texts(&s.begin_emit(&key("s", "c", 0)).unwrap().unwrap()), ["1h"]);
+        s.remove(&key("s", "c", 0)).unwrap();
+        let next = s.begin_emit(&key("s", "c", H)).unwrap().unwrap();
+        assert_eq!((texts(&next), next.late, next.end_ms), (vec!["24h"], true, 25 * H));
     }
 
     #[test]

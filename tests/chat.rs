@@ -1,0 +1,167 @@
+//! Chat bundling on the mock cluster with a manual clock: windows are picked by message
+//! time and closed by the clock, so a 1 h window closes without waiting an hour.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::receiver::Receiver;
+use common::*;
+use hookd::window::clock::ManualClock;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// 2021-02-24T16:25:29Z, the seed's first message.
+const T0: i64 = 1_614_183_929_000;
+
+fn message(id: &str, chat: &str, ts_ms: i64, sender: &str, text: &str) -> String {
+    let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap().format("%Y-%m-%dT%H:%M:%S%z").to_string();
+    json!({"id": id, "tenant": "ws-10010", "direction": "sent", "timestamp": ts,
+        "account": {"full_name": "Amnon Haha", "email": "amnon@example.com", "phone": "+972500000000"},
+        "chat": {"id": chat, "full_name": "John Doe", "responsible_name": "Amnon", "responsible_email": "amnon@example.com",
+                 "url": format!("https://app.example.com/chat/{chat}/messages/"), "is_new_chat": true, "is_group": false, "phone": "+97254000000"},
+        "sender": {"full_name": sender, "phone": "+972540000000"},
+        "recipient": {"full_name": "Jane Smith", "phone": "+972550000000"},
+        "text": text, "attachments": [], "permalink": format!("https://app.example.com/permalink/{chat}")})
+    .to_string()
+}
+
+async fn start(brokers: &str, state: &std::path::Path, rx: &Receiver, clock: Arc<ManualClock>) -> (hookd::Running, CancellationToken) {
+    let subs = format!(
+        "[[subscription]]\nid = \"bundles\"\ntenant = \"ws-10010\"\nsource = \"chat\"\naggregation = \"1h\"\nurl = \"{}\"\n\
+         [[subscription]]\nid = \"each\"\ntenant = \"ws-10010\"\nsource = \"chat\"\ndialect = \"timelines\"\nurl = \"{}\"\n",
+        rx.url("/bundles"),
+        rx.url("/each")
+    );
+    let cfg = config(brokers, state, &subs);
+    let stop = CancellationToken::new();
+    let running = hookd::start_with_clock(cfg, stop.clone(), clock).await.expect("daemon starts");
+    let shared = running.shared.clone();
+    wait_until(Duration::from_secs(30), "ready", || {
+        let ok = shared.ready.all();
+        async move { ok }
+    })
+    .await;
+    (running, stop)
+}
+
+fn bundles(rx: &Receiver) -> Vec<Value> {
+    rx.requests().iter().filter(|r| r.path == "/bundles").map(|r| serde_json::from_slice(&r.body).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_close_by_the_clock_with_messages_in_time_order_and_escaped_summary() {
+    let (_mock, brokers) = mock_broker();
+    let rx = Receiver::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0 + 60_000));
+    let (daemon, stop) = start(&brokers, state.path(), &rx, clock.clone()).await;
+    let p = producer(&brokers);
+    // Chat A: three messages, the second published last but timed first; chat B: one message.
+    produce(&p, "chat.messages", "A", Some(&message("a1", "A", T0 + 300_000, "John Doe", "Hi! How are you? 👋"))).await;
+    produce(&p, "chat.messages", "A", Some(&message("a3", "A", T0 + 600_000, "Jane <b>\"Smith\"</b>", "<script>alert('x')</script> & more"))).await;
+    produce(&p, "chat.messages", "A", Some(&message("a0", "A", T0, "John Doe", "Xin chào"))).await;
+    produce(&p, "chat.messages", "B", Some(&message("b1", "B", T0 + 1_000, "Jane Smith", "hello"))).await;
+    let with_attachment = message("att", "A", T0 + 2_000, "John Doe", "photo").replace("\"attachments\":[]", "\"attachments\":[{\"url\":\"x\"}]");
+    produce(&p, "chat.messages", "A", Some(&with_attachment)).await;
+
+    // Pass-through delivers each text message at once; the attachment is skipped.
+    let each = rx.wait_for(4, Duration::from_secs(30)).await;
+    assert!(each.iter().all(|r| r.path == "/each"), "no bundle before the window closes");
+    let single: Value = serde_json::from_slice(&each[0].body).unwrap();
+    assert!(single["message"]["text"].is_string() && single["chat"]["chat_id"].is_string(), "{single}");
+    let shared = daemon.shared.clone();
+    wait_until(Duration::from_secs(10), "two open bundles", || {
+        let n = shared.metrics.open_bundles.get();
+        async move { n == 2 }
+    })
+    .await;
+    assert!(bundles(&rx).is_empty());
+
+    // 16:00-17:00 window closes at 17:00 + grace (5 s).
+    clock.set(T0 + (34 * 60 + 31) * 1000 + 5_000 - 1_000); // 16:59:60 + 4 s: not yet
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(bundles(&rx).is_empty(), "window not closed before end + grace");
+    clock.advance(Duration::from_secs(2));
+    wait_until(Duration::from_secs(30), "both bundles", || {
+        let n = bundles(&rx).len();
+        async move { n == 2 }
+    })
+    .await;
+    let all = bundles(&rx);
+    let a = all.iter().find(|b| b["chat"]["chat_id"] == "A").unwrap();
+    let ids: Vec<&str> = a["messages"].as_array().unwrap().iter().map(|m| m["message_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["a0", "a1", "a3"], "time order, attachment skipped");
+    assert_eq!(a["first_message_timestamp"], "2021-02-24T16:25:29+0000");
+    assert_eq!(a["last_message_timestamp"], "2021-02-24T16:35:29+0000");
+    let summary = a["aggregation"].as_str().unwrap();
+    assert_eq!(
+        summary,
+        "from John Doe on 2021-02-24 16:25: Xin chào<br/>from John Doe on 2021-02-24 16:30: Hi! How are you? 👋<br/>\
+         from Jane &lt;b&gt;&quot;Smith&quot;&lt;/b&gt; on 2021-02-24 16:35: &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more<br/>\
+         Click <a href='https://app.example.com/permalink/A'>here</a> to open the conversation in TimelinesAI"
+    );
+    let m = daemon.shared.metrics.render();
+    assert!(m.contains("hookd_chat_messages_skipped_total{reason=\"attachments\"} 1"), "{m}");
+    assert!(m.contains("hookd_bundles_emitted_total 2"), "{m}");
+
+    // A late message for the emitted window goes to the chat's next bundle, flagged late.
+    produce(&p, "chat.messages", "A", Some(&message("late", "A", T0 + 700_000, "John Doe", "late one"))).await;
+    wait_until(Duration::from_secs(30), "late message in an open bundle", || {
+        let n = shared.metrics.open_bundles.get();
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(bundles(&rx).len(), 2, "the late message waits for the next window (17:00-18:00)");
+    clock.advance(Duration::from_secs(3600));
+    wait_until(Duration::from_secs(30), "late message in its own bundle", || {
+        let n = bundles(&rx).len();
+        async move { n == 3 }
+    })
+    .await;
+    let late = bundles(&rx).into_iter().find(|b| b["messages"][0]["message_id"] == "late").expect("late bundle");
+    assert_eq!(late["messages"].as_array().unwrap().len(), 1);
+    assert!(daemon.shared.metrics.render().contains("hookd_chat_messages_late_total 1"));
+    assert_eq!(daemon.shared.metrics.open_bundles.get(), 0);
+    stop.cancel();
+    daemon.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_bundles_survive_a_graceful_restart_and_close_on_time() {
+    let (_mock, brokers) = mock_broker();
+    let rx = Receiver::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0 + 60_000));
+    let (daemon, stop) = start(&brokers, state.path(), &rx, clock.clone()).await;
+    let p = producer(&brokers);
+    for i in 0..20 {
+        produce(&p, "chat.messages", &format!("c{}", i % 5), Some(&message(&format!("m{i}"), &format!("c{}", i % 5), T0 + i * 1000, "John Doe", &format!("text {i}")))).await;
+    }
+    let shared = daemon.shared.clone();
+    wait_until(Duration::from_secs(30), "five open bundles", || {
+        let n = shared.metrics.open_bundles.get();
+        async move { n == 5 }
+    })
+    .await;
+    stop.cancel();
+    daemon.wait().await.unwrap();
+    assert!(bundles(&rx).is_empty());
+
+    let (daemon, stop) = start(&brokers, state.path(), &rx, clock.clone()).await;
+    assert_eq!(daemon.shared.metrics.open_bundles.get(), 5, "open bundles continue from sled");
+    clock.set(T0 + 3_600_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(bundles(&rx).is_empty(), "not before end + grace");
+    clock.set(T0 + 2 * 3_600_000);
+    wait_until(Duration::from_secs(30), "five bundles", || {
+        let n = bundles(&rx).len();
+        async move { n == 5 }
+    })
+    .await;
+    let total: usize = bundles(&rx).iter().map(|b| b["messages"].as_array().unwrap().len()).sum();
+    assert_eq!(total, 20, "every message in exactly one bundle after a graceful restart");
+    stop.cancel();
+    daemon.wait().await.unwrap();
+}
