@@ -1,0 +1,182 @@
+//! Chat bundles end to end: the `hookd` binary on a tansu broker process, killed, stopped,
+//! and restarted with and without its sled directory (DESIGN section 2, issue 3 point 6).
+//! The windows are short (4 s) real-time windows; the assertion is that every message ends
+//! up in a delivered bundle, never how fast.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::receiver::Receiver;
+use common::tansu::{create_topics, Storage, Tansu};
+use common::*;
+use serde_json::{json, Value};
+
+const CHATS: usize = 200;
+const MESSAGES: usize = 1200;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_config(dir: &Path, brokers: &str, url: &str, admin_port: u16) -> std::path::PathBuf {
+    let path = dir.join("hookd.toml");
+    let text = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group_id = "hookd-chat-e2e"
+create_topics = false
+commit_interval_ms = 200
+session_timeout_ms = 6000
+[state]
+path = "{}"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+token = "t"
+[delivery]
+allow_private_targets = ["127.0.0.0/8"]
+[chat]
+grace_ms = 500
+[shutdown]
+grace_ms = 5000
+[[subscription]]
+id = "bundles"
+tenant = "ws"
+source = "chat"
+aggregation = "4s"
+url = "{url}"
+"#,
+        dir.join("state").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn_hookd(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_hookd"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("hookd binary starts")
+}
+
+async fn publish(brokers: &str) {
+    let p = producer(brokers);
+    let now = chrono::Utc::now().timestamp_millis();
+    let sends = (0..MESSAGES).map(|i| {
+        let chat = format!("chat-{}", i % CHATS);
+        let v = json!({"id": format!("m{i}"), "tenant": "ws", "direction": "received", "timestamp": now,
+            "account": {"full_name": "A", "email": "a@example.com", "phone": "+1"},
+            "chat": {"id": chat, "full_name": "C", "url": format!("https://app.example.com/chat/{chat}/")},
+            "sender": {"full_name": "S", "phone": "+2"}, "recipient": {"full_name": "R", "phone": "+3"},
+            "text": format!("text {i} ✓")})
+        .to_string();
+        let p = p.clone();
+        async move { produce(&p, "chat.messages", &chat, Some(&v)).await }
+    });
+    futures::future::join_all(sends).await;
+}
+
+/// Message id → how many delivered bundles (distinct webhook-ids) hold it.
+fn delivered(rx: &Receiver) -> HashMap<String, HashSet<String>> {
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in rx.requests() {
+        let b: Value = serde_json::from_slice(&r.body).unwrap();
+        for m in b["messages"].as_array().expect("a bundle") {
+            out.entry(m["message_id"].as_str().unwrap().to_string()).or_default().insert(r.headers["webhook-id"].clone());
+        }
+    }
+    out
+}
+
+async fn open_bundles(admin_port: u16) -> Option<i64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("hookd_open_bundles ")).and_then(|v| v.trim().parse().ok())
+}
+
+async fn until_bundles_open(admin_port: u16) {
+    wait_until(Duration::from_secs(60), "open bundles in the running daemon", || async move {
+        open_bundles(admin_port).await.is_some_and(|n| n >= (CHATS / 2) as i64)
+    })
+    .await;
+}
+
+async fn until_all_delivered(rx: &Receiver) {
+    wait_until(Duration::from_secs(120), "every message in a delivered bundle", || {
+        let n = delivered(rx).len();
+        async move { n == MESSAGES }
+    })
+    .await;
+}
+
+struct Setup {
+    _broker: Tansu,
+    rx: Receiver,
+    dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
+    admin: u16,
+}
+
+async fn setup() -> Setup {
+    let broker = Tansu::start(Storage::Sqlite("tansu.db".into()));
+    create_topics(&broker.bootstrap, &TOPICS.map(|t| (t, 3)));
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = write_config(dir.path(), &broker.bootstrap, &rx.url("/bundles"), admin);
+    publish(&broker.bootstrap).await;
+    Setup { _broker: broker, rx, dir, cfg, admin }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_open_bundles_then_restart_delivers_every_message() {
+    let s = setup().await;
+    let mut first = spawn_hookd(&s.cfg, &s.dir.path().join("run1.log"));
+    until_bundles_open(s.admin).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
+    until_all_delivered(&s.rx).await;
+    println!("chat kill test: {} bundle requests for {MESSAGES} messages over {CHATS} chats", s.rx.requests().len());
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_state_is_rebuilt_by_replay() {
+    let s = setup().await;
+    let mut first = spawn_hookd(&s.cfg, &s.dir.path().join("run1.log"));
+    until_bundles_open(s.admin).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    std::fs::remove_dir_all(s.dir.path().join("state")).expect("state directory existed");
+    let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
+    until_all_delivered(&s.rx).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_open_bundles_then_restart_continues_them() {
+    let s = setup().await;
+    let mut first = spawn_hookd(&s.cfg, &s.dir.path().join("run1.log"));
+    until_bundles_open(s.admin).await;
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    assert!(first.wait().unwrap().success(), "SIGTERM exits 0");
+    let before = s.rx.requests().len();
+    let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
+    until_all_delivered(&s.rx).await;
+    let dup: usize = delivered(&s.rx).values().filter(|ids| ids.len() > 1).count();
+    assert_eq!(dup, 0, "after a graceful stop no message is bundled twice");
+    let log = std::fs::read_to_string(s.dir.path().join("run2.log")).unwrap();
+    assert!(!log.contains("wiping"), "the state store was reused:\n{log}");
+    println!("chat sigterm test: {before} bundles before stop, {} in all", s.rx.requests().len());
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    assert!(second.wait().unwrap().success());
+}
