@@ -41,6 +41,8 @@ token = "demo-token"
 allow_private_targets = ["127.0.0.0/8"]
 [shutdown]
 grace_ms = 2000
+[chat]
+grace_ms = 2000
 
 [dialect.acme]
 body = '{{"kind": {{{{ event_name | tojson }}}}, "account": {{{{ event.tenant | tojson }}}}, "at": {{{{ event.occurred_at_ms }}}}, "payload": {{{{ event.data | tojson }}}}}}'
@@ -72,6 +74,19 @@ url = "{r}/doopage"
 dialect = "doopage"
 
 [[subscription]]
+id = "whatsapp-bundles"
+tenant = "ws-10010"
+source = "chat"
+aggregation = "10s"
+url = "{r}/chat-bundles"
+
+[[subscription]]
+id = "whatsapp-each"
+tenant = "ws-10010"
+source = "chat"
+url = "{r}/chat-each"
+
+[[subscription]]
 id = "acme-1260"
 tenant = "1260"
 url = "{r}/acme"
@@ -80,6 +95,37 @@ events = ["contact.created", "ticket.created"]
 "#,
         state = state.display()
     )
+}
+
+/// Chat messages shaped like the TimelinesAI sample, timed now, in two chats; one carries an
+/// attachment and is skipped.
+fn chat_messages() -> Vec<(String, String)> {
+    let now = chrono::Utc::now();
+    let lines = [
+        ("10010001", "John Doe", "Jane Smith", "sent", "Hi! How are you?", false),
+        ("10010001", "Jane Smith", "John Doe", "received", "I am fine, how are you? 😊", false),
+        ("10010002", "Trần Thuận", "Amnon", "received", "Cho tôi báo giá <b>gói Pro</b> & phí vận chuyển", false),
+        ("10010001", "John Doe", "Jane Smith", "sent", "photo.jpg", true),
+    ];
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, (chat, from, to, direction, text, attachment))| {
+            let ts = (now + chrono::Duration::seconds(i as i64)).format("%Y-%m-%dT%H:%M:%S%z").to_string();
+            let attachments = if *attachment { serde_json::json!([{"type": "image", "url": "https://app.example.com/f/1.jpg"}]) } else { serde_json::json!([]) };
+            let value = serde_json::json!({
+                "id": format!("demo-msg-{i}"), "tenant": "ws-10010", "direction": direction, "timestamp": ts,
+                "account": {"full_name": "Amnon Haha", "email": "amnon@example.com", "phone": "+972500000000"},
+                "chat": {"id": chat, "full_name": from, "responsible_name": "Amnon", "responsible_email": "amnon@example.com",
+                         "url": format!("https://app.example.com/chat/{chat}/messages/"), "is_new_chat": i == 0, "is_group": false, "phone": "+97254000000"},
+                "sender": {"full_name": from, "phone": "+972540000000"},
+                "recipient": {"full_name": to, "phone": "+972550000000"},
+                "text": text, "attachments": attachments,
+                "permalink": format!("https://app.example.com/permalink/{chat}-{i}")
+            });
+            (chat.to_string(), value.to_string())
+        })
+        .collect()
 }
 
 async fn produce(producer: &FutureProducer, topic: &str, key: &str, value: &str) -> anyhow::Result<()> {
@@ -132,7 +178,15 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
     for (i, line) in EVENTS.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         produce(&producer, &config.topics.crm_events, &format!("demo-{i}"), line).await?;
     }
-    println!("hookd demo: published {} sample CRM events (the last one is malformed and goes to hookd.dlq); press ctrl-c to stop", EVENTS.lines().count());
+    println!("hookd demo: published {} sample CRM events (the last one is malformed and goes to hookd.dlq)", EVENTS.lines().count());
+    let chat = chat_messages();
+    for (key, m) in &chat {
+        produce(&producer, &config.topics.chat_messages, key, m).await?;
+    }
+    println!(
+        "hookd demo: published {} WhatsApp messages: /chat-each gets each at once, /chat-bundles one bundle per chat when its 10 s window closes (+2 s grace); press ctrl-c to stop",
+        chat.len()
+    );
     shutdown.cancelled().await;
     let result = daemon.await.context("daemon task")?;
     drop(producer);

@@ -9,6 +9,10 @@ use axum::Router;
 async fn receive(uri: Uri, headers: HeaderMap, body: Bytes) -> &'static str {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
     let text = String::from_utf8_lossy(&body);
+    let summary = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("aggregation").and_then(|a| a.as_str()).map(|a| format!("\n   aggregation (HTML summary): {a}")))
+        .unwrap_or_default();
     let shown: String = text.chars().take(600).collect();
     let more = if text.chars().count() > 600 { " …" } else { "" };
     let extra = match h("tc-webhook-event").as_str() {
@@ -16,14 +20,15 @@ async fn receive(uri: Uri, headers: HeaderMap, body: Bytes) -> &'static str {
         e => format!(" tc-webhook-event={e}"),
     };
     println!(
-        "\n<- POST {}  webhook-id={} content-type={}{}\n   webhook-signature={}\n   {}{}",
+        "\n<- POST {}  webhook-id={} content-type={}{}\n   webhook-signature={}\n   {}{}{}",
         uri.path(),
         h("webhook-id"),
         h("content-type"),
         extra,
         h("webhook-signature"),
         shown,
-        more
+        more,
+        summary
     );
     "ok"
 }
