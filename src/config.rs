@@ -174,6 +174,10 @@ pub struct DeliveryConfig {
     pub per_subscription_concurrency: usize,
     /// Deliveries queued for one subscription before more are deferred to the retry topic.
     pub per_subscription_queue: usize,
+    /// Requests per second to one subscription (a subscription's `rate_limit_per_sec` wins).
+    pub per_subscription_rate_per_sec: u32,
+    /// How often a failed verification handshake is tried again.
+    pub verification_retry_secs: u64,
     /// Upper bound on a `Retry-After` wait honoured from a response.
     pub retry_after_max_secs: u64,
     /// `User-Agent` of every request.
@@ -190,6 +194,8 @@ impl Default for DeliveryConfig {
             max_in_flight: 512,
             per_subscription_concurrency: 8,
             per_subscription_queue: 64,
+            per_subscription_rate_per_sec: 100,
+            verification_retry_secs: 300,
             retry_after_max_secs: 3600,
             user_agent: concat!("hookd/", env!("CARGO_PKG_VERSION")).into(),
         }
@@ -281,8 +287,10 @@ impl Config {
         crate::deliver::ssrf::TargetPolicy::new(&self.delivery.allow_private_targets)
             .map_err(|e| invalid(format!("delivery.allow_private_targets: {e}")))?;
         let d = &self.delivery;
-        if d.max_in_flight == 0 || d.per_subscription_concurrency == 0 || d.per_subscription_queue == 0 {
-            return Err(invalid("delivery.max_in_flight, per_subscription_concurrency and per_subscription_queue must be at least 1".into()));
+        if d.max_in_flight == 0 || d.per_subscription_concurrency == 0 || d.per_subscription_queue == 0 || d.per_subscription_rate_per_sec == 0 {
+            return Err(invalid(
+                "delivery.max_in_flight, per_subscription_concurrency, per_subscription_queue and per_subscription_rate_per_sec must be at least 1".into(),
+            ));
         }
         if self.ingest.max_in_flight == 0 || self.ingest.max_record_bytes == 0 {
             return Err(invalid("ingest.max_in_flight and ingest.max_record_bytes must be at least 1".into()));

@@ -22,6 +22,7 @@
 pub mod admin;
 pub mod config;
 pub mod deliver;
+pub mod endpoint;
 pub mod demo;
 pub mod ingest;
 pub mod kafka;
@@ -84,6 +85,8 @@ pub struct Shared {
     pub ready: Ready,
     /// Wall clock of window closing; tests supply a manual one.
     pub clock: Arc<dyn window::clock::Clock>,
+    /// Per-subscription failure counts, activity and request logs, verification state.
+    pub endpoints: endpoint::EndpointStore,
 }
 
 /// A started daemon.
@@ -126,11 +129,19 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
         metrics.state_wipes.inc();
     }
     let producer = kafka::producer(&config)?;
+    let endpoints = endpoint::EndpointStore::open(park.db())?;
     let registry = Registry::new(&config.subscription);
-    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, ready: Ready::default(), clock });
-    let admin = admin::serve(shared.clone(), shutdown.clone()).await?;
+    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, ready: Ready::default(), clock, endpoints });
+    let (admin, server) = admin::serve(shared.clone(), shutdown.clone()).await?;
     tracing::info!(listen = %admin, "Admin server listening.");
-    let handle = tokio::spawn(supervise(shared.clone(), park, shutdown));
+    let stages = supervise(shared.clone(), park, shutdown);
+    // `wait` returns only once nothing holds the state store any more, so a restart in the
+    // same process (or a test) can open it again.
+    let handle = tokio::spawn(async move {
+        let result = stages.await;
+        let _ = server.await;
+        result
+    });
     Ok(Running { admin, shared, handle })
 }
 

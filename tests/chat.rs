@@ -145,6 +145,7 @@ async fn open_bundles_survive_a_graceful_restart_and_close_on_time() {
         async move { n == 5 }
     })
     .await;
+    drop(shared);
     stop.cancel();
     daemon.wait().await.unwrap();
     assert!(bundles(&rx).is_empty());

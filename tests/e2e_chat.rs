@@ -101,14 +101,14 @@ async fn open_bundles(admin_port: u16) -> Option<i64> {
 }
 
 async fn until_bundles_open(admin_port: u16) {
-    wait_until(Duration::from_secs(60), "open bundles in the running daemon", || async move {
+    wait_until(Duration::from_secs(300), "open bundles in the running daemon", || async move {
         open_bundles(admin_port).await.is_some_and(|n| n >= (CHATS / 2) as i64)
     })
     .await;
 }
 
 async fn until_all_delivered(rx: &Receiver) {
-    wait_until(Duration::from_secs(120), "every message in a delivered bundle", || {
+    wait_until(Duration::from_secs(300), "every message in a delivered bundle", || {
         let n = delivered(rx).len();
         async move { n == MESSAGES }
     })

@@ -94,7 +94,7 @@ async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
     publish(&broker.bootstrap, N).await;
 
     let mut first = spawn_hookd(&cfg, &dir.path().join("run1.log"));
-    wait_until(Duration::from_secs(60), "a first share of deliveries", || {
+    wait_until(Duration::from_secs(300), "a first share of deliveries", || {
         let n = rx.requests().len();
         async move { n >= 300 }
     })
@@ -105,7 +105,7 @@ async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
     assert!(at_kill < N as usize, "the kill must land mid-run (got {at_kill} of {N} already)");
 
     let mut second = spawn_hookd(&cfg, &dir.path().join("run2.log"));
-    wait_until(Duration::from_secs(120), "every event delivered after restart", || {
+    wait_until(Duration::from_secs(300), "every event delivered after restart", || {
         let (by_event, _) = deliveries(&rx);
         async move { by_event.len() as u64 == N }
     })
@@ -133,7 +133,7 @@ async fn sigterm_finishes_in_flight_work_and_restart_continues() {
     const N: u64 = 1000;
     publish(&broker.bootstrap, N).await;
     let mut first = spawn_hookd(&cfg, &dir.path().join("run1.log"));
-    wait_until(Duration::from_secs(60), "some deliveries", || {
+    wait_until(Duration::from_secs(300), "some deliveries", || {
         let n = rx.requests().len();
         async move { n >= 100 }
     })
@@ -143,7 +143,7 @@ async fn sigterm_finishes_in_flight_work_and_restart_continues() {
     assert!(status.success(), "SIGTERM exits 0, got {status}");
     let after_stop = rx.requests().len();
     let mut second = spawn_hookd(&cfg, &dir.path().join("run2.log"));
-    wait_until(Duration::from_secs(120), "every event delivered after restart", || {
+    wait_until(Duration::from_secs(300), "every event delivered after restart", || {
         let (by_event, _) = deliveries(&rx);
         async move { by_event.len() as u64 == N }
     })
@@ -163,7 +163,7 @@ async fn missing_topics_are_created_at_start_up() {
     std::fs::write(&cfg, text).unwrap();
     let mut hookd = spawn_hookd(&cfg, &dir.path().join("run.log"));
     let brokers = broker.bootstrap.clone();
-    wait_until(Duration::from_secs(60), "all seven topics with five partitions", || {
+    wait_until(Duration::from_secs(300), "all seven topics with five partitions", || {
         let brokers = brokers.clone();
         async move {
             use rdkafka::consumer::{BaseConsumer, Consumer};

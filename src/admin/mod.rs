@@ -1,8 +1,10 @@
 //! Admin: the HTTP side of operations on `admin.listen`.
 //!
-//! `/metrics` (Prometheus text), `/healthz` (the process answers) and `/readyz` (the
-//! subscriptions are loaded and both consumers run) are open; the admin API that later
-//! routes add requires the bearer `admin.token`.
+//! `/metrics` (Prometheus text), `/healthz` (the process answers), `/readyz` (the
+//! subscriptions are loaded and both consumers run) and `/openapi.json` are open; the admin
+//! API under `/api/` ([`api`]) requires the bearer `admin.token`.
+
+pub mod api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,24 +35,27 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, &'static str) {
 
 /// The router, separate from the listener so tests can drive it.
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    api::routes(shared.clone())
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(shared)
 }
 
-/// Binds `admin.listen` and serves until `shutdown`. Returns the bound address.
-pub async fn serve(shared: Arc<Shared>, shutdown: CancellationToken) -> Result<SocketAddr, Error> {
+/// Binds `admin.listen` and serves until `shutdown`. Returns the bound address and the
+/// server task (open connections get 2 s to finish after `shutdown`).
+pub async fn serve(shared: Arc<Shared>, shutdown: CancellationToken) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
     let addr = shared.config.admin.listen;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Admin { addr, source })?;
     let bound = listener.local_addr().map_err(|source| Error::Admin { addr, source })?;
     let app = router(shared);
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-        if let Err(error) = served {
-            tracing::error!(%error, "Admin server failed.");
+    let handle = tokio::spawn(async move {
+        let stopped = shutdown.clone();
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        tokio::select! {
+            r = served => if let Err(error) = r { tracing::error!(%error, "Admin server failed."); },
+            _ = async { stopped.cancelled().await; tokio::time::sleep(std::time::Duration::from_secs(2)).await } => {}
         }
     });
-    Ok(bound)
+    Ok((bound, handle))
 }

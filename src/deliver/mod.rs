@@ -14,6 +14,7 @@
 
 pub mod backoff;
 pub mod http;
+pub mod lifecycle;
 pub mod park;
 pub mod record;
 mod sender;

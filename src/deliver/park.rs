@@ -33,6 +33,29 @@ pub struct ParkStore {
     tree: Tree,
 }
 
+fn open_db(dir: &Path) -> Result<(sled::Db, bool), sled::Error> {
+    use std::io::ErrorKind;
+    for _ in 0..50 {
+        match sled::open(dir) {
+            Ok(db) => return Ok((db, false)),
+            // sled reports a held lock as `Other` with this text (sled 0.34 `config.rs`).
+            Err(sled::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Err(sled::Error::Io(e)) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::StorageFull) => {
+                return Err(sled::Error::Io(e));
+            }
+            Err(error) => {
+                tracing::warn!(%error, path = %dir.display(), "State store unreadable; wiping it and replaying from Kafka.");
+                let _ = std::fs::remove_dir_all(dir);
+                return Ok((sled::open(dir)?, true));
+            }
+        }
+    }
+    let msg = format!("state directory {} is locked by another process (is another hookd using the same state.path?)", dir.display());
+    Err(sled::Error::Io(std::io::Error::new(ErrorKind::WouldBlock, msg)))
+}
+
 fn due_key(due_ms: i64, partition: i32, offset: i64) -> [u8; 21] {
     let mut k = [0u8; 21];
     k[0] = b'p';
@@ -64,17 +87,12 @@ fn be_i64(v: &[u8]) -> i64 {
 }
 
 impl ParkStore {
-    /// Opens the store in `dir`; an unreadable store is wiped (Kafka replays it).
-    /// Returns whether it was wiped.
+    /// Opens the store in `dir`; an unreadable (corrupt) store is wiped, since Kafka replays
+    /// it. A directory locked by another process is never wiped: opening waits up to 5 s for
+    /// the lock (an instance in this process may still be closing), then fails.
+    /// Returns whether the store was wiped.
     pub fn open(dir: &Path) -> Result<(Self, bool), sled::Error> {
-        let (db, wiped) = match sled::open(dir) {
-            Ok(db) => (db, false),
-            Err(error) => {
-                tracing::warn!(%error, path = %dir.display(), "State store unreadable; wiping it and replaying from Kafka.");
-                let _ = std::fs::remove_dir_all(dir);
-                (sled::open(dir)?, true)
-            }
-        };
+        let (db, wiped) = open_db(dir)?;
         let tree = db.open_tree("retry")?;
         Ok((Self { db, tree }, wiped))
     }
@@ -256,6 +274,9 @@ mod tests {
         let (s, wiped) = ParkStore::open(dir.path()).unwrap();
         assert!(!wiped);
         assert_eq!(s.checkpoint(0).unwrap(), Some(9));
+        let locked = ParkStore::open(dir.path());
+        assert!(locked.is_err_and(|e| e.to_string().contains("locked by another process")), "a locked store is never wiped");
+        assert_eq!(s.checkpoint(0).unwrap(), Some(9), "and its data is intact");
         drop(s);
         let bad = tempfile::tempdir().unwrap();
         std::fs::write(bad.path().join("conf"), b"\xff\xfe garbage").unwrap();

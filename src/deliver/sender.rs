@@ -32,15 +32,21 @@ enum Origin {
     Release(i32, i64),
 }
 
-/// Per-subscription limits.
+/// Per-subscription limits: one slow or busy customer server cannot take every connection.
 struct SubState {
+    /// Requests in flight to this endpoint.
     concurrency: Semaphore,
+    /// Requests per second to this endpoint.
+    limiter: governor::DefaultDirectRateLimiter,
+    /// Deliveries dispatched and not finished; above `per_subscription_queue` new ones are deferred.
     queued: AtomicUsize,
+    /// (concurrency, rate) this state was built with; rebuilt when the subscription changes them.
+    limits: (u32, u32),
 }
 
 struct Ctx {
     shared: Arc<Shared>,
-    http: HttpSender,
+    http: Arc<HttpSender>,
     park: ParkStore,
     global: Semaphore,
     subs: Mutex<HashMap<String, Arc<SubState>>>,
@@ -49,12 +55,25 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn sub_state(&self, id: &str) -> Arc<SubState> {
-        let per_sub = self.shared.config.delivery.per_subscription_concurrency;
+    fn sub_state(&self, sub: &Subscription) -> Arc<SubState> {
+        let d = &self.shared.config.delivery;
+        let limits = (
+            sub.max_concurrency.unwrap_or(d.per_subscription_concurrency as u32).max(1),
+            sub.rate_limit_per_sec.unwrap_or(d.per_subscription_rate_per_sec).max(1),
+        );
         let mut m = self.subs.lock().expect("sub state poisoned");
-        m.entry(id.to_string())
-            .or_insert_with(|| Arc::new(SubState { concurrency: Semaphore::new(per_sub), queued: AtomicUsize::new(0) }))
-            .clone()
+        if let Some(s) = m.get(&sub.id).filter(|s| s.limits == limits) {
+            return s.clone();
+        }
+        let rate = std::num::NonZeroU32::new(limits.1).expect("at least 1");
+        let state = Arc::new(SubState {
+            concurrency: Semaphore::new(limits.0 as usize),
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+            queued: AtomicUsize::new(0),
+            limits,
+        });
+        m.insert(sub.id.clone(), state.clone());
+        state
     }
 }
 
@@ -84,6 +103,8 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     consumer.subscribe(&[&config.topics.deliveries, &config.topics.retry])?;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let hard_stop = CancellationToken::new();
+    let http = Arc::new(http);
+    let verifier = tokio::spawn(super::lifecycle::verify_loop(shared.clone(), http.clone(), shutdown.clone()));
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         http,
@@ -134,6 +155,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     while let Ok(origin) = done_rx.try_recv() {
         state.finished(&ctx, &consumer, origin);
     }
+    let _ = verifier.await;
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
     crate::kafka::final_commit(&consumer, "sender");
@@ -290,10 +312,12 @@ fn dispatch(ctx: &Arc<Ctx>, tasks: &TaskTracker, record: DeliveryRecord, origin:
         };
         return spawn_dead_letter(ctx, tasks, record.encode(), reason, source, Some(record.subscription_id), origin);
     };
-    let state = ctx.sub_state(&sub.id);
-    let full = state.queued.load(Ordering::Relaxed) >= ctx.shared.config.delivery.per_subscription_queue;
-    if !sub.enabled || full {
-        return defer(ctx, tasks, record, origin, if sub.enabled { "busy" } else { "disabled" });
+    if let Some(reason) = super::lifecycle::gate(&ctx.shared, &sub) {
+        return defer(ctx, tasks, record, origin, reason);
+    }
+    let state = ctx.sub_state(&sub);
+    if state.queued.load(Ordering::Relaxed) >= ctx.shared.config.delivery.per_subscription_queue {
+        return defer(ctx, tasks, record, origin, "busy");
     }
     state.queued.fetch_add(1, Ordering::Relaxed);
     let ctx = ctx.clone();
@@ -312,7 +336,7 @@ fn dispatch(ctx: &Arc<Ctx>, tasks: &TaskTracker, record: DeliveryRecord, origin:
 /// Defers a record: parked ones move later in the store, live ones go to the retry topic
 /// with the same attempt number.
 fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin: Origin, reason: &'static str) {
-    let wait_ms = if reason == "disabled" { 60_000 } else { 1_000 };
+    let wait_ms = if reason == "busy" { 1_000 } else { 15_000 };
     ctx.shared.metrics.deliveries_deferred.with_label_values(&[reason]).inc();
     match origin {
         Origin::Parked(p) => {
@@ -341,11 +365,13 @@ fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin
 async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record: DeliveryRecord) -> bool {
     let s = &ctx.shared;
     let Ok(_sub_permit) = state.concurrency.acquire().await else { return false };
+    state.limiter.until_ready().await;
     let Ok(_permit) = ctx.global.acquire().await else { return false };
     let headers = request_headers(sub, &record);
     s.metrics.requests_in_flight.inc();
     let attempt = ctx.http.post(OutboundRequest { url: &sub.url, headers: &headers, body: &record.body }).await;
     s.metrics.requests_in_flight.dec();
+    super::lifecycle::log_request(s, sub, &record, &headers, &attempt);
     let rule = s.dialects.success_rule(&sub.dialect);
     let ok = attempt.error.is_none() && attempt.status.is_some_and(|st| rule.is_success(st));
     let secs = attempt.duration.as_secs_f64();
@@ -356,6 +382,7 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
         let latency = (now_ms() - record.created_ms).max(0) as f64 / 1000.0;
         s.metrics.delivery_latency.with_label_values(&[bucket]).observe(latency);
         tracing::debug!(subscription = %sub.id, webhook_id = %record.id, attempt = record.attempt, "Delivered.");
+        super::lifecycle::on_success(s, sub, &record);
         return true;
     }
     let error = match (&attempt.error, attempt.status) {
@@ -366,7 +393,9 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
     let kind = attempt.error.as_ref().map_or("status", |e| e.kind());
     s.metrics.request_errors.with_label_values(&[kind]).inc();
     let retriable = attempt.error.as_ref().is_none_or(|e| e.is_retriable());
-    if retriable && record.attempt < sub.retry.max_attempts {
+    let will_retry = retriable && record.attempt < sub.retry.max_attempts;
+    super::lifecycle::on_failure(s, sub, &record, &error, will_retry, &ctx.hard_stop).await;
+    if will_retry {
         let base = sub.retry.base_delay(record.attempt + 1);
         let bounds = RetryAfterBounds { min: Duration::from_secs(1), max: Duration::from_secs(s.config.delivery.retry_after_max_secs) };
         let delay = retry_delay(base, attempt.retry_after, rand::random::<f64>(), bounds);
@@ -383,6 +412,9 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
     let mut last = record.clone();
     last.last_error = Some(error);
     let encoded = last.encode();
+    if let Err(e) = s.endpoints.push_failed(&sub.id, &record.id, now_ms(), &encoded) {
+        tracing::error!(error = %e, "Keeping the failed delivery for replay failed.");
+    }
     let letter = DeadLetter { original: &encoded, key: Some(sub.id.as_bytes()), reason, stage: "deliver", source: record.source.clone(), subscription_id: Some(&sub.id) };
     let sent = dead_letter(&s.producer, &s.config, &s.metrics, letter, &ctx.hard_stop).await;
     if sent.is_ok() {

@@ -165,6 +165,8 @@ struct Ingest {
     stop: CancellationToken,
     /// The sled database of the window store, flushed on the close tick.
     db: sled::Db,
+    /// Chat partitions whose position may have moved; stored after the next sled flush.
+    chat_dirty: std::collections::HashSet<i32>,
 }
 
 impl Ingest {
@@ -179,10 +181,23 @@ impl Ingest {
 
     fn spawn_emission(&self, e: Emission) {
         let (shared, done, stop) = (self.shared.clone(), self.done.clone(), self.stop.clone());
+        let topic = self.chat.topic().to_string();
         self.tasks.spawn(async move {
-            let topic = &shared.config.topics.deliveries;
-            if produce_until_acked(&shared.producer, topic, Some(e.sub_id.as_bytes()), &e.record, None, &stop).await.is_ok() {
-                shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
+            let sent = match &e.record {
+                Ok(record) => {
+                    let r = produce_until_acked(&shared.producer, &shared.config.topics.deliveries, Some(e.sub_id.as_bytes()), record, None, &stop).await;
+                    if r.is_ok() {
+                        shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
+                    }
+                    r
+                }
+                Err((reason, original)) => {
+                    let source = SourceRef { topic, partition: e.partition, offset: e.first_offset };
+                    let letter = DeadLetter { original, key: Some(e.sub_id.as_bytes()), reason: reason.clone(), stage: "render", source, subscription_id: Some(&e.sub_id) };
+                    dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, &stop).await
+                }
+            };
+            if sent.is_ok() {
                 let _ = done.send(Done::Emitted(e.key, e.partition));
             }
         });
@@ -217,22 +232,29 @@ impl Ingest {
             Done::Record(tp, offset) => {
                 let pos = self.tracker.finish(&tp, offset);
                 if tp.0 == self.chat.topic() {
-                    self.store_chat_position(consumer, tp.1);
+                    self.chat_dirty.insert(tp.1);
                 } else if let Some(pos) = pos {
                     store_position(consumer, &tp.0, tp.1, pos);
                 }
             }
             Done::Emitted(key, partition) => {
                 self.chat.emitted(&self.shared, &key);
-                self.store_chat_position(consumer, partition);
+                self.chat_dirty.insert(partition);
             }
         }
     }
 
-    fn store_chat_position(&mut self, consumer: &TrackedConsumer, partition: i32) {
-        if let Some(pos) = self.chat.position(&self.tracker, partition) {
-            let topic = self.chat.topic().to_string();
-            store_position(consumer, &topic, partition, pos);
+    /// Flushes the window store, then stores the positions of chat partitions that moved:
+    /// the committed offset never relies on a window write that is not on disk.
+    async fn flush_and_store(&mut self, consumer: &TrackedConsumer) {
+        if let Err(error) = self.db.flush_async().await {
+            return tracing::error!(%error, "Window store flush failed; positions not stored.");
+        }
+        let topic = self.chat.topic().to_string();
+        for partition in std::mem::take(&mut self.chat_dirty) {
+            if let Some(pos) = self.chat.position(&self.tracker, partition) {
+                store_position(consumer, &topic, partition, pos);
+            }
         }
     }
 
@@ -261,7 +283,7 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let chat = ChatStage::new(&shared, windows).map_err(|e| Error::Http(e.to_string()))?;
     shared.metrics.open_bundles.set(chat.store.open_bundles() as i64);
-    let mut s = Ingest { shared: shared.clone(), tracker: OffsetTracker::default(), chat, tasks: TaskTracker::new(), done: done_tx, stop: CancellationToken::new(), db };
+    let mut s = Ingest { shared: shared.clone(), tracker: OffsetTracker::default(), chat, tasks: TaskTracker::new(), done: done_tx, stop: CancellationToken::new(), db, chat_dirty: Default::default() };
     let mut batch_tick = tokio::time::interval(Duration::from_millis(config.chat.batch_interval_ms));
     let mut close_tick = tokio::time::interval(Duration::from_millis(config.chat.close_interval_ms));
     batch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -284,9 +306,7 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
             _ = batch_tick.tick() => s.apply_batch(),
             _ = close_tick.tick() => {
                 s.on_close_tick();
-                if let Err(error) = s.db.flush_async().await {
-                    tracing::error!(%error, "Window store flush failed.");
-                }
+                s.flush_and_store(&consumer).await;
             }
         }
     }
@@ -304,9 +324,7 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
     while let Ok(done) = done_rx.try_recv() {
         s.on_done(&consumer, done);
     }
-    if let Err(error) = s.db.flush_async().await {
-        tracing::error!(%error, "Window store flush failed at shutdown.");
-    }
+    s.flush_and_store(&consumer).await;
     crate::kafka::final_commit(&consumer, "ingest");
     Ok(())
 }

@@ -148,6 +148,15 @@ pub struct Subscription {
     /// Auto-disable after more than this many consecutive failed requests.
     #[serde(default = "default_disable_after")]
     pub disable_after_failures: u32,
+    /// Requests per second to this endpoint; default `delivery.per_subscription_rate_per_sec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_sec: Option<u32>,
+    /// Requests in flight to this endpoint; default `delivery.per_subscription_concurrency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Why it is disabled, when hookd or an operator disabled it (set with `enabled = false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
 }
 
 fn all_events() -> Vec<String> {
@@ -179,6 +188,9 @@ impl Subscription {
         }
         if self.events.is_empty() {
             return Err(ctx("`events` must list at least one name or glob".into()));
+        }
+        if self.rate_limit_per_sec == Some(0) || self.max_concurrency == Some(0) {
+            return Err(ctx("`rate_limit_per_sec` and `max_concurrency` must be at least 1".into()));
         }
         if self.retry.max_attempts == 0 {
             return Err(ctx("`retry.max_attempts` must be at least 1".into()));

@@ -30,8 +30,8 @@ pub struct Metrics {
     pub delivery_latency: HistogramVec,
     /// Deliveries waiting in the retry store (sled) for their time.
     pub retry_queue_depth: IntGauge,
-    /// Deliveries deferred to the retry topic because their subscription's queue was full
-    /// or the subscription was disabled.
+    /// Deliveries deferred (parked) by `reason`: busy (subscription queue full), disabled,
+    /// unverified. Parked deliveries are kept, not lost, and sent once the reason is gone.
     pub deliveries_deferred: IntCounterVec,
     /// Records written to `hookd.dlq`, by `stage` (ingest, render, deliver, subscriptions).
     pub dlq_records: IntCounterVec,
@@ -49,6 +49,12 @@ pub struct Metrics {
     pub open_bundles: IntGauge,
     /// Bundles emitted as delivery records.
     pub bundles_emitted: IntCounter,
+    /// Verification handshakes by `result` (verified, failed).
+    pub verifications: IntCounterVec,
+    /// Subscriptions disabled by hookd after consecutive failures.
+    pub endpoint_disables: IntCounter,
+    /// Admin API requests by `outcome` (ok, unauthorized, bad_request, not_found, error).
+    pub admin_requests: IntCounterVec,
 }
 
 fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
@@ -91,6 +97,9 @@ impl Metrics {
             chat_late: int_counter(&r, "hookd_chat_messages_late_total", "Chat messages that missed their window"),
             open_bundles: gauge(&r, "hookd_open_bundles", "Bundles open in the window store"),
             bundles_emitted: int_counter(&r, "hookd_bundles_emitted_total", "Bundles emitted as delivery records"),
+            verifications: counter(&r, "hookd_verifications_total", "Endpoint verification handshakes", &["result"]),
+            endpoint_disables: int_counter(&r, "hookd_endpoint_disables_total", "Subscriptions disabled after consecutive failures"),
+            admin_requests: counter(&r, "hookd_admin_requests_total", "Admin API requests", &["outcome"]),
             events_consumed: counter(&r, "hookd_events_consumed_total", "Input records read", &["source"]),
             deliveries_produced: counter(&r, "hookd_deliveries_produced_total", "Delivery records produced", &["source"]),
             events_unmatched: counter(&r, "hookd_events_unmatched_total", "Input records matching no subscription", &["source"]),

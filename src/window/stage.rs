@@ -121,12 +121,14 @@ pub struct ChatStage {
     topic: String,
 }
 
-/// A bundle ready to be produced as a delivery record.
+/// A closed bundle: a delivery record to produce, or, when it cannot be rendered, a dead
+/// letter (its messages as a JSON array) so it does not hold the partition's offsets forever.
 pub struct Emission {
     pub key: BundleKey,
     pub partition: i32,
+    pub first_offset: i64,
     pub sub_id: String,
-    pub record: Vec<u8>,
+    pub record: Result<Vec<u8>, (String, Vec<u8>)>,
 }
 
 impl ChatStage {
@@ -218,13 +220,22 @@ impl ChatStage {
                 continue;
             }
             match self.store.begin_emit(&key) {
-                Ok(Some(bundle)) => match self.render(shared, &bundle) {
-                    Ok(record) => {
-                        self.emitting.insert(key.clone());
-                        out.push(Emission { partition: bundle.partition, sub_id: key.sub_id.clone(), key, record });
-                    }
-                    Err(error) => tracing::error!(%error, sub = %key.sub_id, chat = %key.chat_id, "Bundle could not be rendered."),
-                },
+                Ok(Some(bundle)) => {
+                    let record = self.render(shared, &bundle).map_err(|reason| {
+                        tracing::error!(%reason, sub = %key.sub_id, chat = %key.chat_id, "Bundle could not be rendered; sending it to the dead-letter topic.");
+                        let mut original = b"[".to_vec();
+                        for (i, m) in bundle.messages.iter().enumerate() {
+                            if i > 0 {
+                                original.push(b',');
+                            }
+                            original.extend_from_slice(m);
+                        }
+                        original.push(b']');
+                        (format!("bundle render failed: {reason}"), original)
+                    });
+                    self.emitting.insert(key.clone());
+                    out.push(Emission { partition: bundle.partition, first_offset: bundle.first_offset, sub_id: key.sub_id.clone(), key, record });
+                }
                 Ok(None) => {}
                 Err(error) => tracing::error!(%error, "Loading a due bundle failed."),
             }

@@ -306,7 +306,13 @@ impl WindowStore {
     }
 
     /// The bundle `id` as this batch sees it: loaded once, then changed in memory.
-    fn slot<'s>(&self, slots: &'s mut HashMap<Vec<u8>, Slot>, id: &[u8], start_ms: i64, m: &Incoming<'_>) -> Result<&'s mut Slot, sled::Error> {
+    fn slot<'s>(
+        &self,
+        slots: &'s mut HashMap<Vec<u8>, Slot>,
+        id: &[u8],
+        start_ms: i64,
+        m: &Incoming<'_>,
+    ) -> Result<&'s mut Slot, sled::Error> {
         if !slots.contains_key(id) {
             let slot = match self.meta(id)? {
                 Some(meta) => Slot { before: Some(meta.parts.clone()), meta, dirty: false },

@@ -36,7 +36,8 @@ pub enum Mode {
     /// Answer `status` with the header `Retry-After: <value>`.
     RetryAfter(u16, String),
     /// Answer 200 with the value of the named query parameter as the whole body (the
-    /// DooPage-style GET challenge), or 400 when the parameter is missing.
+    /// DooPage-style GET challenge), or 200 `ok` when the parameter is missing (so the
+    /// deliveries that follow a verified handshake succeed).
     Echo(String),
     /// Answer `status` (a 3xx) with `Location: <url>`.
     Redirect(u16, String),
@@ -266,11 +267,7 @@ async fn respond(mode: Mode, query: Option<&str>, mut stopping: watch::Receiver<
                 .map(|(_, v)| v.into_owned());
             match found {
                 Some(value) => (StatusCode::OK, value).into_response(),
-                None => (
-                    StatusCode::BAD_REQUEST,
-                    format!("missing query parameter {param}"),
-                )
-                    .into_response(),
+                None => (StatusCode::OK, "ok").into_response(),
             }
         }
         Mode::Redirect(s, location) => (status(s), [("location", location)]).into_response(),

@@ -1,0 +1,173 @@
+//! `memory` and `recovery`: hookd as a child process (this binary's `serve`, the daemon as
+//! `hookd run` runs it) holding 1,000,000 open bundles of 3 messages each.
+//!
+//! - `memory`: 3,000,000 chat messages (one per chat and round, 1,000,000 chats, one 1 h
+//!   subscription) wait on a tansu `memory://` broker; each run starts a child with an empty
+//!   state directory in a new consumer group and waits until every bundle is open (the
+//!   per-partition sentinels are in the window store). Timestamps lie in tomorrow's window, so
+//!   the wall clock closes nothing. Figures: the child's peak resident memory (`VmHWM` of
+//!   /proc/<pid>/status), then, after a graceful stop, the size of its sled directory.
+//! - `recovery`: restarts a child on the last `memory` run's state directory and group. A
+//!   new message (a new chat) is produced before each start. Figures: seconds from spawn until
+//!   `/readyz` answers 200 and a record was consumed again, and until the new message is in
+//!   the window store (hookd replays from the committed offset, which open bundles hold at
+//!   the oldest one's first offset, skipping what sled already holds).
+//!
+//! The committed offset the restart resumes from is the first offset of a partition (the
+//! oldest open bundle), the start of a producer batch, so tansu's `memory://` caveat (a
+//! fetch inside a batch) does not apply.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hookd::window::clock::{Clock, SystemClock};
+
+use crate::broker::{self, free_port, LoadProducer, Rec, Tansu};
+use crate::daemon::{self, ChildDaemon};
+use crate::report::{Row, Target};
+use crate::workload::{self, ChatLoad, HOUR_MS};
+use crate::Opts;
+
+/// What `memory` leaves for `recovery`: the broker with the records, the last run's state.
+pub struct Held {
+    opts: Opts,
+    dir: tempfile::TempDir,
+    tansu: Tansu,
+    topic: String,
+    subs: String,
+    base_ms: i64,
+    /// The last run's state directory and consumer group.
+    state: PathBuf,
+    group: String,
+    /// Bundles that state holds.
+    bundles: i64,
+}
+
+impl Held {
+    /// Starts a child on `state` in `group`, logging to `<dir>/<name>/hookd.log`.
+    fn spawn(&self, name: &str) -> anyhow::Result<ChildDaemon> {
+        let work = self.dir.path().join(name);
+        std::fs::create_dir_all(&work)?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let text = daemon::config_text(self.opts, &self.tansu.bootstrap, &self.group, &self.state, &admin.to_string(), &self.subs);
+        ChildDaemon::spawn(&work, &text, admin)
+    }
+}
+
+const CONSUMED: &str = "hookd_events_consumed_total{source=\"chat\"}";
+const OPEN: &str = "hookd_open_bundles";
+
+fn metric(m: &std::collections::HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+pub async fn memory(opts: Opts) -> anyhow::Result<(Vec<Row>, Held)> {
+    let chats = opts.scaled(1_000_000, 100);
+    let base_ms = (SystemClock.now_ms() / HOUR_MS + 24) * HOUR_MS;
+    let load = ChatLoad { tenants: 1, chats_per_tenant: chats, per_chat: 3, base_ms, span_ms: HOUR_MS / 2 };
+    let dir = tempfile::Builder::new().prefix("hookd-load-mem-").tempdir()?;
+    let tansu = Tansu::start(opts.storage, &dir.path().join("broker"))?;
+    let setup = daemon::config(opts, &tansu.bootstrap, "setup", &dir.path().join("setup"), "")?;
+    hookd::kafka::ensure_topics(&setup).await?;
+    let partitions = setup.kafka.partitions;
+    let topic = setup.topics.chat_messages.clone();
+    let (b, t, l) = (tansu.bootstrap.clone(), topic.clone(), load.clone());
+    let (_, total) = tokio::task::spawn_blocking(move || broker::load_chat(&b, &t, &l, partitions, base_ms)).await??;
+    let bundles = (load.bundles(HOUR_MS) + partitions as usize) as i64;
+    eprintln!("    {total} messages, {bundles} bundles to hold");
+    let subs = workload::chat_subscriptions(1, "1h", "127.0.0.1:9".parse()?);
+    let mut held = Held { opts, dir, tansu, topic, subs, base_ms, state: PathBuf::new(), group: String::new(), bundles };
+    let mut hwm = Row::new("memory", "peak RSS (VmHWM) holding the bundles", "MiB", Some(Target::Below(512.0)));
+    let mut rss = Row::new("memory", "RSS once all are stored", "MiB", None);
+    let mut disk = Row::new("memory", "sled directory after graceful stop", "MiB", None);
+    let mut rate = Row::new("memory", "load rate (consumed to window store)", "msg/s", None);
+    for run in 0..opts.runs {
+        held.state = held.dir.path().join(format!("state-{run}"));
+        held.group = format!("hookd-mem-{run}");
+        let mut child = held.spawn(&format!("memory-{run}"))?;
+        let timeout = Duration::from_secs(300) + Duration::from_secs_f64(total as f64 / 2_000.0);
+        let started = Instant::now();
+        let mut first = None;
+        loop {
+            child.check_alive()?;
+            let m = child.metrics().await;
+            if first.is_none() && metric(&m, CONSUMED) > 0.0 {
+                first = Some(Instant::now());
+            }
+            if metric(&m, OPEN) >= bundles as f64 {
+                break;
+            }
+            anyhow::ensure!(started.elapsed() < timeout, "memory: {} of {bundles} bundles open after {timeout:?}", metric(&m, OPEN));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = first.map_or(f64::NAN, |f| f.elapsed().as_secs_f64());
+        tokio::time::sleep(Duration::from_secs(1)).await; // a close tick or more: sled flushed
+        let (peak, now) = (child.vm_mib("VmHWM")?, child.vm_mib("VmRSS")?);
+        child.terminate(Duration::from_secs(120))?;
+        let mib = daemon::dir_bytes(&held.state) as f64 / 1024.0 / 1024.0;
+        eprintln!("    run {run}: peak RSS {peak:.0} MiB, RSS {now:.0} MiB, sled {mib:.0} MiB, {:.0} msg/s", total as f64 / secs);
+        hwm.values.push(peak);
+        rss.values.push(now);
+        disk.values.push(mib);
+        rate.values.push(total as f64 / secs);
+    }
+    Ok((vec![hwm, rss, disk, rate], held))
+}
+
+pub async fn recovery(opts: Opts, held: Option<Held>) -> anyhow::Result<Vec<Row>> {
+    let mut held = match held {
+        Some(h) => h,
+        None => {
+            eprintln!("    building the state first (one `memory` run)");
+            memory(Opts { runs: 1, ..opts }).await?.1
+        }
+    };
+    let mut ready_row = Row::new("recovery", "restart to ready and consuming", "s", Some(Target::Below(10.0)));
+    let mut readyz_row = Row::new("recovery", "  of which until /readyz is 200", "s", None);
+    let mut caught_row = Row::new("recovery", "restart to a new message stored", "s", None);
+    for run in 0..opts.runs {
+        // One new chat, produced before the start: stored once hookd has caught up.
+        let (b, t) = (held.tansu.bootstrap.clone(), held.topic.clone());
+        let (chat, base_ms) = (format!("probe-{run}"), held.base_ms);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let p = LoadProducer::new(&b, 0)?;
+            let v = workload::chat_message(&chat, &ChatLoad::tenant(0), &chat, base_ms, 0, "probe");
+            p.send(&t, Rec { key: &chat, value: &v, partition: None })?;
+            p.finish().map(drop)
+        })
+        .await??;
+        held.bundles += 1;
+        let started = Instant::now();
+        let mut child = held.spawn(&format!("recovery-{run}"))?;
+        let (mut ready, mut consuming, mut caught) = (None, None, None);
+        while caught.is_none() || ready.is_none() || consuming.is_none() {
+            child.check_alive()?;
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(900), "recovery: not caught up after 900 s");
+            if ready.is_none() && child.ready().await {
+                ready = Some(started.elapsed());
+            }
+            let m = child.metrics().await;
+            if consuming.is_none() && metric(&m, CONSUMED) > 0.0 {
+                consuming = Some(started.elapsed());
+            }
+            if caught.is_none() && metric(&m, OPEN) >= held.bundles as f64 {
+                caught = Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let replayed = metric(&child.metrics().await, CONSUMED);
+        child.terminate(Duration::from_secs(120))?;
+        let (ready, consuming, caught) = (ready.unwrap_or_default(), consuming.unwrap_or_default(), caught.unwrap_or_default());
+        eprintln!(
+            "    run {run}: ready {:.2} s, consuming {:.2} s, new message stored {:.2} s ({replayed} records read again)",
+            ready.as_secs_f64(),
+            consuming.as_secs_f64(),
+            caught.as_secs_f64()
+        );
+        ready_row.values.push(ready.max(consuming).as_secs_f64());
+        readyz_row.values.push(ready.as_secs_f64());
+        caught_row.values.push(caught.as_secs_f64());
+    }
+    Ok(vec![ready_row, readyz_row, caught_row])
+}

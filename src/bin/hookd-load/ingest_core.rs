@@ -1,0 +1,180 @@
+//! `ingest-core`: the messages of `ingest` fed to hookd's chat pipeline in this process,
+//! without a broker, so the daemon's own cost per message is visible.
+//!
+//! `hookd::window::stage::process` takes an rdkafka `BorrowedMessage`, which only a consumer
+//! can make, so this module repeats its steps for aggregating subscriptions with the same
+//! public pieces, in the same order: `ChatMessage::decode`, the attachment check, the
+//! registry lookup (`Registry::index` + `Index::matching` per message), the window store's
+//! checkpoint read per message, the bundle header and message serialisation, then
+//! `WindowStore::apply` per `chat.max_batch` messages and the gauge read after it, and, every
+//! `chat.close_interval_ms`, the due-index scan and a sled flush (the close tick). Input
+//! generation is outside the timed part. Keep it in step with `window/stage.rs`.
+
+use std::time::{Duration, Instant};
+
+use hookd::deliver::park::ParkStore;
+use hookd::ingest::chat::ChatMessage;
+use hookd::render::timelines::{self, BundleHeader};
+use hookd::route::subscription::{Aggregation, Source};
+use hookd::route::Registry;
+use hookd::window::store::{Incoming, WindowStore};
+
+use crate::report::{Row, Target};
+use crate::{daemon, ingest, workload, Opts};
+
+/// A message's part for one bundle, owned until its batch is applied (hookd's `Pending`).
+struct Part {
+    sub_id: String,
+    chat_id: String,
+    partition: i32,
+    offset: i64,
+    ts_ms: i64,
+    size_ms: i64,
+    message: Vec<u8>,
+    header: Vec<u8>,
+}
+
+/// Where the time went, summed over a run.
+#[derive(Default)]
+struct Phases {
+    route: Duration,
+    apply: Duration,
+    tick: Duration,
+    messages: u64,
+}
+
+const PARTITIONS: u64 = 6;
+const CHUNK: usize = 20_000;
+
+pub fn run(opts: Opts) -> anyhow::Result<Vec<Row>> {
+    let load = ingest::load(opts);
+    let subs = workload::chat_subscriptions(1, "1h", "127.0.0.1:9".parse()?);
+    let config = daemon::config(opts, "127.0.0.1:9", "core", std::path::Path::new("unused"), &subs)?;
+    let mut rate = Row::new("ingest-core", "decode, route, window, sled batch", "msg/s", Some(Target::AtLeast(300_000.0)));
+    let mut per_msg = Row::new("ingest-core", "per message, all steps", "us", None);
+    let mut route = Row::new("ingest-core", "  of which decode, route, serialise", "us", None);
+    let mut apply = Row::new("ingest-core", "  of which sled batch apply", "us", None);
+    let mut tick = Row::new("ingest-core", "  of which close tick (due scan, flush)", "us", None);
+    for run in 0..opts.runs {
+        let dir = tempfile::Builder::new().prefix("hookd-load-core-").tempdir()?;
+        let p = one_run(&load, &config, dir.path())?;
+        let total = p.route + p.apply + p.tick;
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / p.messages as f64;
+        eprintln!("    run {run}: {:.0} msg/s ({:.2} us/msg: route {:.2}, apply {:.2}, tick {:.2})", p.messages as f64 / total.as_secs_f64(), us(total), us(p.route), us(p.apply), us(p.tick));
+        rate.values.push(p.messages as f64 / total.as_secs_f64());
+        per_msg.values.push(us(total));
+        route.values.push(us(p.route));
+        apply.values.push(us(p.apply));
+        tick.values.push(us(p.tick));
+    }
+    Ok(vec![rate, per_msg, route, apply, tick])
+}
+
+fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std::path::Path) -> anyhow::Result<Phases> {
+    let (park, _) = ParkStore::open(dir)?;
+    let store = WindowStore::open(park.db())?;
+    let registry = Registry::new(&config.subscription);
+    let (max_bytes, max_batch) = (config.ingest.max_record_bytes, config.chat.max_batch);
+    let close_every = Duration::from_millis(config.chat.close_interval_ms);
+    let grace_ms = config.chat.grace_ms as i64;
+    let mut offsets = [0i64; PARTITIONS as usize];
+    let mut pending: Vec<Part> = Vec::with_capacity(max_batch);
+    let mut phases = Phases::default();
+    let mut since_tick = Duration::ZERO;
+    let mut records = load.records();
+    loop {
+        let chunk: Vec<(String, Vec<u8>)> = records.by_ref().take(CHUNK).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        for (key, value) in &chunk {
+            let partition = (fnv(key.as_bytes()) % PARTITIONS) as i32;
+            let offset = offsets[partition as usize];
+            offsets[partition as usize] += 1;
+            let t = Instant::now();
+            route_one(&registry, &store, value, max_bytes, partition, offset, &mut pending)?;
+            let routed = t.elapsed();
+            phases.route += routed;
+            since_tick += routed;
+            phases.messages += 1;
+            if pending.len() >= max_batch {
+                let t = Instant::now();
+                apply(&store, &pending, grace_ms)?;
+                pending.clear();
+                phases.apply += t.elapsed();
+                since_tick += t.elapsed();
+            }
+            if since_tick >= close_every {
+                let t = Instant::now();
+                store.due(ingest::BASE_MS, 256)?;
+                park.db().flush()?;
+                phases.tick += t.elapsed();
+                since_tick = Duration::ZERO;
+            }
+        }
+    }
+    let t = Instant::now();
+    apply(&store, &pending, grace_ms)?;
+    phases.apply += t.elapsed();
+    let t = Instant::now();
+    park.db().flush()?;
+    phases.tick += t.elapsed();
+    anyhow::ensure!(store.open_bundles() == load.bundles(workload::HOUR_MS), "ingest-core: {} bundles, expected {}", store.open_bundles(), load.bundles(workload::HOUR_MS));
+    Ok(phases)
+}
+
+/// What `window::stage::process` does for one record, for aggregating subscriptions.
+fn route_one(registry: &Registry, store: &WindowStore, value: &[u8], max_bytes: usize, partition: i32, offset: i64, pending: &mut Vec<Part>) -> anyhow::Result<()> {
+    let m = ChatMessage::decode(value, max_bytes)?;
+    if m.has_attachments() {
+        return Ok(());
+    }
+    let event_type = format!("message.{}", m.direction);
+    let index = registry.index();
+    let applied = store.checkpoint(partition)?;
+    let mut header: Option<Vec<u8>> = None;
+    for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
+        if let Aggregation::Every(size) = sub.aggregation {
+            if applied.is_none_or(|c| offset > c) {
+                let header = header.get_or_insert_with(|| serde_json::to_vec(&BundleHeader::from_message(&m)).expect("header serialises"));
+                pending.push(Part {
+                    sub_id: sub.id.clone(),
+                    chat_id: m.chat_id.clone(),
+                    partition,
+                    offset,
+                    ts_ms: m.timestamp_ms(),
+                    size_ms: size.as_millis() as i64,
+                    message: serde_json::to_vec(&timelines::message_object(&m))?,
+                    header: header.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ChatStage::apply_batch`: one sled batch, then the open-bundles gauge read.
+fn apply(store: &WindowStore, pending: &[Part], grace_ms: i64) -> anyhow::Result<()> {
+    let batch: Vec<Incoming<'_>> = pending
+        .iter()
+        .map(|p| Incoming {
+            sub_id: &p.sub_id,
+            chat_id: &p.chat_id,
+            partition: p.partition,
+            offset: p.offset,
+            ts_ms: p.ts_ms,
+            size_ms: p.size_ms,
+            grace_ms,
+            message: &p.message,
+            header: &p.header,
+        })
+        .collect();
+    let placed = store.apply(&batch)?;
+    std::hint::black_box((placed.iter().filter(|(_, late)| *late).count(), store.open_bundles()));
+    Ok(())
+}
+
+/// FNV-1a: spreads chats over partitions as a key hash does.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
