@@ -60,6 +60,11 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// Consumer session timeout: how long a dead instance keeps its partitions.
     pub session_timeout_ms: u64,
+    /// `max.poll.interval.ms`, which librdkafka also sends as the rebalance timeout: how long
+    /// a rebalance may wait for members that do not rejoin. hookd polls continuously, so a
+    /// short value costs nothing and lets a restarted instance take over its partitions
+    /// quickly even on brokers that wait for the full rebalance timeout after a crash.
+    pub max_poll_interval_ms: u64,
     /// How often stored offsets are committed.
     pub commit_interval_ms: u64,
     /// Producer batching delay: a little latency for much larger batches.
@@ -80,6 +85,7 @@ impl Default for KafkaConfig {
             partitions: 6,
             replication_factor: 1,
             session_timeout_ms: 10_000,
+            max_poll_interval_ms: 30_000,
             commit_interval_ms: 1_000,
             linger_ms: 5,
             compression: "lz4".into(),
@@ -274,6 +280,9 @@ impl Config {
         }
         if self.kafka.group_id.trim().is_empty() {
             return Err(invalid("kafka.group_id must not be empty".into()));
+        }
+        if self.kafka.max_poll_interval_ms < self.kafka.session_timeout_ms {
+            return Err(invalid("kafka.max_poll_interval_ms must be at least kafka.session_timeout_ms".into()));
         }
         if self.kafka.partitions < 1 || self.kafka.replication_factor < 1 {
             return Err(invalid("kafka.partitions and kafka.replication_factor must be at least 1".into()));

@@ -141,6 +141,7 @@ async fn sigkill_with_open_bundles_then_restart_delivers_every_message() {
     until_bundles_open(s.admin).await;
     first.kill().unwrap();
     first.wait().unwrap();
+    wait_out_dead_session().await;
     let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
     until_all_delivered(&s.rx).await;
     println!("chat kill test: {} bundle requests for {MESSAGES} messages over {CHATS} chats", s.rx.requests().len());
@@ -155,6 +156,7 @@ async fn deleted_state_is_rebuilt_by_replay() {
     until_bundles_open(s.admin).await;
     first.kill().unwrap();
     first.wait().unwrap();
+    wait_out_dead_session().await;
     std::fs::remove_dir_all(s.dir.path().join("state")).expect("state directory existed");
     let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
     until_all_delivered(&s.rx).await;

@@ -20,6 +20,8 @@ use serde_json::json;
 
 fn write_config(dir: &Path, brokers: &str, url: &str) -> std::path::PathBuf {
     let path = dir.join("hookd.toml");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(dir.join("admin-port"), admin.to_string()).unwrap();
     let text = format!(
         r#"[kafka]
 brokers = "{brokers}"
@@ -30,7 +32,7 @@ session_timeout_ms = 6000
 [state]
 path = "{}"
 [admin]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{admin}"
 token = "t"
 [delivery]
 allow_private_targets = ["127.0.0.0/8"]
@@ -54,7 +56,7 @@ fn spawn_hookd(config: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_hookd"))
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", std::env::var("HOOKD_E2E_LOG").unwrap_or_else(|_| "info".into()))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -71,6 +73,38 @@ fn deliveries(rx: &Receiver) -> (HashMap<u64, HashSet<String>>, usize) {
         by_event.entry(n).or_default().insert(r.headers["webhook-id"].clone());
     }
     (by_event, reqs.len())
+}
+
+/// Waits until every event 0..n was delivered; on timeout says which are missing and shows
+/// the end of the daemon's log.
+async fn all_delivered(rx: &Receiver, n: u64, log: &Path) {
+    let start = std::time::Instant::now();
+    loop {
+        let (by_event, total) = deliveries(rx);
+        if by_event.len() as u64 == n {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            let missing: Vec<u64> = (0..n).filter(|i| !by_event.contains_key(i)).take(20).collect();
+            let port = std::fs::read_to_string(log.parent().unwrap().join("admin-port")).unwrap_or_default();
+            let metrics = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => format!("metrics unavailable: {e}"),
+            };
+            let metrics: Vec<&str> = metrics.lines().filter(|l| !l.starts_with('#') && !l.contains("_bucket")).collect();
+            std::fs::copy(log, "/tmp/hookd-e2e-failed.log").ok();
+
+            println!("daemon metrics:\n{}", metrics.join("\n"));
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            panic!(
+                "{} of {n} events delivered ({total} requests); missing e.g. {missing:?}\nlog tail (newest first):\n{}",
+                by_event.len(),
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn publish(brokers: &str, n: u64) {
@@ -101,15 +135,12 @@ async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
     .await;
     first.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
     first.wait().unwrap();
+    wait_out_dead_session().await;
     let at_kill = rx.requests().len();
     assert!(at_kill < N as usize, "the kill must land mid-run (got {at_kill} of {N} already)");
 
     let mut second = spawn_hookd(&cfg, &dir.path().join("run2.log"));
-    wait_until(Duration::from_secs(300), "every event delivered after restart", || {
-        let (by_event, _) = deliveries(&rx);
-        async move { by_event.len() as u64 == N }
-    })
-    .await;
+    all_delivered(&rx, N, &dir.path().join("run2.log")).await;
     let (by_event, total) = deliveries(&rx);
     for (n, ids) in &by_event {
         assert_eq!(ids.len(), 1, "event {n} was delivered under several webhook-ids: {ids:?}");
@@ -143,11 +174,7 @@ async fn sigterm_finishes_in_flight_work_and_restart_continues() {
     assert!(status.success(), "SIGTERM exits 0, got {status}");
     let after_stop = rx.requests().len();
     let mut second = spawn_hookd(&cfg, &dir.path().join("run2.log"));
-    wait_until(Duration::from_secs(300), "every event delivered after restart", || {
-        let (by_event, _) = deliveries(&rx);
-        async move { by_event.len() as u64 == N }
-    })
-    .await;
+    all_delivered(&rx, N, &dir.path().join("run2.log")).await;
     let (_, total) = deliveries(&rx);
     println!("sigterm test: {after_stop} delivered before stop, {total} requests in all");
     second.kill().unwrap();

@@ -83,11 +83,33 @@ impl InProcess {
         self.shared.metrics.open_bundles.get()
     }
 
-    /// Stops gracefully (as on SIGTERM) and waits until it has.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    /// Stops gracefully (as on SIGTERM), waits until it has, then until nothing holds its
+    /// shared state (and with it the sled database) any more. Returns false when something
+    /// still does after 10 s: the caller must then keep the state directory, because sled
+    /// writing into a deleted directory hangs every sled database of the process.
+    pub async fn stop(self) -> anyhow::Result<bool> {
+        let shared = Arc::downgrade(&self.shared);
+        drop(self.shared);
         self.stop.cancel();
         self.running.wait().await?;
-        Ok(())
+        let stopped = Instant::now();
+        let closed = until(Duration::from_secs(10), "hookd's state released", || shared.strong_count() == 0).await.is_ok();
+        if closed && stopped.elapsed() > Duration::from_millis(100) {
+            eprintln!("    note: hookd's shared state (and sled) was released {:?} after `Running::wait` returned", stopped.elapsed());
+        }
+        if !closed {
+            eprintln!("    note: {} references to hookd's shared state (and its sled database) remain 10 s after it stopped", shared.strong_count());
+        }
+        Ok(closed)
+    }
+
+}
+
+/// Removes a run's directory (state, broker log) if every hookd using it let go of its sled
+/// database (`closed`), else leaves it on disk and says where.
+pub fn remove_dir(dir: tempfile::TempDir, closed: bool) {
+    if !closed {
+        eprintln!("    note: leaving {} on disk", dir.keep().display());
     }
 }
 

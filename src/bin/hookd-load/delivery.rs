@@ -68,7 +68,9 @@ pub async fn passthrough(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let timeout = Duration::from_secs(120) + Duration::from_secs_f64(n as f64 / 1_000.0);
         let got = receiver.wait_distinct(n as u64, timeout, Duration::from_secs(30)).await;
         let note = notes(&d);
-        d.stop().await?;
+        let closed = d.stop().await?;
+        drop(tansu);
+        daemon::remove_dir(dir, closed);
         let s = got?;
         let rate = n as f64 / (s.last.zip(s.first).map(|(l, f)| l - f).unwrap_or_default()).as_secs_f64().max(1e-9);
         eprintln!("    run {run}: {rate:.0} deliveries/s ({} requests for {} deliveries; {note})", s.requests, s.distinct);
@@ -110,7 +112,9 @@ pub async fn latency(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let got = receiver.wait_distinct(n as u64, Duration::from_secs_f64(secs + 60.0), Duration::from_secs(30)).await;
         paced.await??;
         let note = notes(&d);
-        d.stop().await?;
+        let closed = d.stop().await?;
+        drop(tansu);
+        daemon::remove_dir(dir, closed);
         got?;
         let l = receiver.latencies_us();
         let b = bare.await??;
@@ -179,7 +183,9 @@ pub async fn flush(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let got = receiver.wait_distinct(bundles as u64, Duration::from_secs(120) + Duration::from_secs_f64(bundles as f64 / 200.0), Duration::from_secs(30)).await;
         let note = notes(&d);
         let emitted = d.shared.metrics.bundles_emitted.get();
-        d.stop().await?;
+        let closed = d.stop().await?;
+        drop(tansu);
+        daemon::remove_dir(dir, closed);
         let s = got?;
         let rate = bundles as f64 / (s.last.map_or(0.0, |l| (l - jump).as_secs_f64())).max(1e-9);
         eprintln!("    run {run}: {rate:.0} bundles/s ({} requests, {} distinct, {emitted} emitted; {note})", s.requests, s.distinct);

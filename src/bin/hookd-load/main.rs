@@ -137,33 +137,46 @@ fn main() -> anyhow::Result<()> {
     let machine = report::Machine::probe();
     eprintln!("{machine}");
     let mut table = report::Table::default();
+    // On ctrl-c or SIGTERM the running scenario is dropped: its brokers and child daemons
+    // are killed with it.
     runtime.block_on(async {
-        let mut held = None; // the state `memory` leaves for `recovery`
-        for s in scenarios {
-            eprintln!("==> {s:?}");
-            let rows = match s {
-                Scenario::Ingest => ingest::broker(opts).await?,
-                Scenario::IngestCore => ingest_core::run(opts)?,
-                Scenario::Passthrough => delivery::passthrough(opts).await?,
-                Scenario::Latency => delivery::latency(opts).await?,
-                Scenario::Flush => delivery::flush(opts).await?,
-                Scenario::Memory => {
-                    let (rows, state) = bundles::memory(opts).await?;
-                    held = Some(state);
-                    rows
-                }
-                Scenario::Recovery => bundles::recovery(opts, held.take()).await?,
-                Scenario::All => unreachable!("expanded above"),
-            };
-            for row in &rows {
-                eprintln!("    {}", row.summary());
-            }
-            table.extend(rows);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(opts, scenarios, &mut table) => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = term.recv() => anyhow::bail!("terminated"),
         }
-        anyhow::Ok(())
     })?;
     println!("{machine}");
-    println!("runs: {}  scale: {}  broker: tansu {:?}  librdkafka: {}\n", opts.runs, opts.scale, opts.storage, if cli.rdkafka.is_empty() { "hookd's defaults".to_string() } else { cli.rdkafka.join(" ") });
+    let rdkafka = if cli.rdkafka.is_empty() { "hookd's defaults".to_string() } else { cli.rdkafka.join(" ") };
+    println!("runs: {}  scale: {}  broker: tansu {:?}  librdkafka: {rdkafka}\n", opts.runs, opts.scale, opts.storage);
     print!("{table}");
+    Ok(())
+}
+
+/// Runs the scenarios in order, adding their rows to `table`.
+async fn run(opts: Opts, scenarios: Vec<Scenario>, table: &mut report::Table) -> anyhow::Result<()> {
+    let mut held = None; // the state `memory` leaves for `recovery`
+    for s in scenarios {
+        eprintln!("==> {s:?}");
+        let rows = match s {
+            Scenario::Ingest => ingest::broker(opts).await?,
+            Scenario::IngestCore => ingest_core::run(opts)?,
+            Scenario::Passthrough => delivery::passthrough(opts).await?,
+            Scenario::Latency => delivery::latency(opts).await?,
+            Scenario::Flush => delivery::flush(opts).await?,
+            Scenario::Memory => {
+                let (rows, state) = bundles::memory(opts).await?;
+                held = Some(state);
+                rows
+            }
+            Scenario::Recovery => bundles::recovery(opts, held.take()).await?,
+            Scenario::All => unreachable!("expanded above"),
+        };
+        for row in &rows {
+            eprintln!("    {}", row.summary());
+        }
+        table.extend(rows);
+    }
     Ok(())
 }
