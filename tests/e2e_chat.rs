@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::receiver::Receiver;
@@ -55,16 +54,6 @@ url = "{url}"
     path
 }
 
-fn spawn_hookd(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hookd"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("hookd binary starts")
-}
 
 async fn publish(brokers: &str) {
     let p = producer(brokers);
@@ -134,34 +123,35 @@ async fn setup() -> Setup {
     Setup { _broker: broker, rx, dir, cfg, admin }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_with_open_bundles_then_restart_delivers_every_message() {
+/// SIGKILL with open bundles, optionally delete the state directory, restart, and wait
+/// until every message is in a delivered bundle.
+async fn kill_and_restart(delete_state: bool) -> Setup {
     let s = setup().await;
     let mut first = spawn_hookd(&s.cfg, &s.dir.path().join("run1.log"));
     until_bundles_open(s.admin).await;
     first.kill().unwrap();
     first.wait().unwrap();
     wait_out_dead_session().await;
+    if delete_state {
+        std::fs::remove_dir_all(s.dir.path().join("state")).expect("state directory existed");
+    }
     let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
     until_all_delivered(&s.rx).await;
-    println!("chat kill test: {} bundle requests for {MESSAGES} messages over {CHATS} chats", s.rx.requests().len());
     second.kill().unwrap();
     second.wait().unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_open_bundles_then_restart_delivers_every_message() {
+    let s = kill_and_restart(false).await;
+    println!("chat kill test: {} bundle requests for {MESSAGES} messages over {CHATS} chats", s.rx.requests().len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_state_is_rebuilt_by_replay() {
-    let s = setup().await;
-    let mut first = spawn_hookd(&s.cfg, &s.dir.path().join("run1.log"));
-    until_bundles_open(s.admin).await;
-    first.kill().unwrap();
-    first.wait().unwrap();
-    wait_out_dead_session().await;
-    std::fs::remove_dir_all(s.dir.path().join("state")).expect("state directory existed");
-    let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
-    until_all_delivered(&s.rx).await;
-    second.kill().unwrap();
-    second.wait().unwrap();
+    let s = kill_and_restart(true).await;
+    println!("chat replay test: {} bundle requests for {MESSAGES} messages after the state was deleted", s.rx.requests().len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

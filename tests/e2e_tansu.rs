@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::receiver::Receiver;
@@ -51,17 +50,6 @@ dialect = "standard"
     path
 }
 
-fn spawn_hookd(config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_hookd"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", std::env::var("HOOKD_E2E_LOG").unwrap_or_else(|_| "info".into()))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("hookd binary starts")
-}
 
 /// Event number → set of webhook-ids seen for it, and the total number of requests.
 fn deliveries(rx: &Receiver) -> (HashMap<u64, HashSet<String>>, usize) {

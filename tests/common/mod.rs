@@ -145,3 +145,16 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
 pub async fn wait_out_dead_session() {
     tokio::time::sleep(Duration::from_secs(8)).await;
 }
+
+/// Starts the `hookd` binary with `run --config <config>`, its log in `log`
+/// (`HOOKD_E2E_LOG` sets `RUST_LOG`, default `info`).
+pub fn spawn_hookd(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hookd"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", std::env::var("HOOKD_E2E_LOG").unwrap_or_else(|_| "info".into()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("hookd binary starts")
+}
