@@ -83,6 +83,9 @@ pub async fn memory(opts: Opts) -> anyhow::Result<(Vec<Row>, Held)> {
     let mut disk = Row::new("memory", "sled directory after graceful stop", "MiB", None);
     let mut rate = Row::new("memory", "load rate (consumed to window store)", "msg/s", None);
     for run in 0..opts.runs {
+        if run > 0 {
+            std::fs::remove_dir_all(&held.state)?; // gigabytes at full scale; `recovery` needs the last only
+        }
         held.state = held.dir.path().join(format!("state-{run}"));
         held.group = format!("hookd-mem-{run}");
         let mut child = held.spawn(&format!("memory-{run}"))?;

@@ -13,8 +13,10 @@ pub struct Machine {
     memory: String,
     /// `uname -r`, because the kernel changes fsync and network costs.
     kernel: String,
-    /// The hookd commit measured, when run from a git checkout.
+    /// The checkout's commit when the harness ran (run it from the checkout it was built
+    /// from), and when this binary was built.
     commit: String,
+    built: String,
 }
 
 impl Machine {
@@ -41,7 +43,13 @@ impl Machine {
         if !dirty.is_empty() && dirty != "unknown" {
             commit.push_str(" (with uncommitted changes)");
         }
+        let built = std::env::current_exe()
+            .and_then(std::fs::metadata)
+            .and_then(|m| m.modified())
+            .map(|t| chrono::DateTime::<chrono::Utc>::from(t).format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|_| "unknown".into());
         Self {
+            built,
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
             model: field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".into()),
             memory,
@@ -54,7 +62,8 @@ impl Machine {
 impl fmt::Display for Machine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "machine: {} cores, {}, {} memory, Linux {}", self.cores, self.model, self.memory, self.kernel)?;
-        write!(f, "hookd:   {}, release build: {}", self.commit, if cfg!(debug_assertions) { "no (debug: figures not comparable)" } else { "yes" })
+        let profile = if cfg!(debug_assertions) { "debug build (figures not comparable)" } else { "release build" };
+        write!(f, "hookd:   checkout at {}; {profile} of {}", self.commit, self.built)
     }
 }
 
