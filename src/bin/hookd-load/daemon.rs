@@ -31,17 +31,33 @@ grace_ms = 5000
 
 /// A config for one run: its own consumer group and state directory, the `--rdkafka`
 /// properties under `[kafka.librdkafka]`; `extra` adds subscriptions (and any other table not
-/// in [`OVERRIDES`]).
-pub fn config_text(opts: Opts, brokers: &str, group: &str, state: &Path, admin: &str, extra: &str) -> String {
-    format!(
+/// in [`OVERRIDES`]); then the `--set` settings over all of it.
+pub fn config_text(opts: Opts, brokers: &str, group: &str, state: &Path, admin: &str, extra: &str) -> anyhow::Result<String> {
+    let text = format!(
         "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n[kafka.librdkafka]\n{}[state]\npath = \"{}\"\n[admin]\nlisten = \"{admin}\"\ntoken = \"load\"\n{OVERRIDES}{extra}",
         opts.rdkafka,
         state.display()
-    )
+    );
+    if opts.settings.is_empty() {
+        return Ok(text);
+    }
+    let mut table: toml::Table = text.parse()?;
+    for line in opts.settings.lines() {
+        let (key, value) = line.split_once('=').with_context(|| format!("--set {line}: expected KEY=VALUE"))?;
+        let value: toml::Value = format!("v = {}", value.trim()).parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(value.trim().into()));
+        let mut parts: Vec<&str> = key.trim().split('.').collect();
+        let last = parts.pop().context("--set: empty key")?;
+        let mut at = &mut table;
+        for p in parts {
+            at = at.entry(p).or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut().with_context(|| format!("--set {key}: `{p}` is not a table"))?;
+        }
+        at.insert(last.to_string(), value);
+    }
+    Ok(toml::to_string(&table)?)
 }
 
 pub fn config(opts: Opts, brokers: &str, group: &str, state: &Path, extra: &str) -> anyhow::Result<Config> {
-    let text = config_text(opts, brokers, group, state, "127.0.0.1:0", extra);
+    let text = config_text(opts, brokers, group, state, "127.0.0.1:0", extra)?;
     Config::parse(&text).with_context(|| format!("harness config:\n{text}"))
 }
 

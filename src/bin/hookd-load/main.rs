@@ -59,6 +59,10 @@ struct Cli {
     /// `KEY=VALUE` under `[kafka.librdkafka]`; repeatable. Default: none (hookd's defaults).
     #[arg(long = "rdkafka", value_name = "KEY=VALUE")]
     rdkafka: Vec<String>,
+    /// A hookd config setting for every run, as a dotted key and a TOML value, e.g.
+    /// `delivery.per_subscription_queue=4096`; repeatable; applied over the harness's own.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -99,6 +103,8 @@ pub struct Opts {
     pub storage: broker::Storage,
     /// `--rdkafka` properties as TOML lines for `[kafka.librdkafka]`.
     pub rdkafka: &'static str,
+    /// `--set` settings, one `dotted.key=value` a line.
+    pub settings: &'static str,
 }
 
 impl Opts {
@@ -133,7 +139,9 @@ fn main() -> anyhow::Result<()> {
         rdkafka.push_str(&format!("{:?} = {:?}\n", k.trim(), v.trim()));
     }
     let rdkafka: &'static str = Box::leak(rdkafka.into_boxed_str());
-    let opts = Opts { runs: cli.runs, scale: cli.scale, storage: cli.storage, rdkafka };
+    let settings: &'static str = Box::leak(cli.set.iter().map(|s| format!("{s}\n")).collect::<String>().into_boxed_str());
+    let opts = Opts { runs: cli.runs, scale: cli.scale, storage: cli.storage, rdkafka, settings };
+    daemon::config(opts, "127.0.0.1:9", "check", std::path::Path::new("unused"), "")?; // bad --set fails here
     let machine = report::Machine::probe();
     eprintln!("{machine}");
     let mut table = report::Table::default();
@@ -149,7 +157,8 @@ fn main() -> anyhow::Result<()> {
     })?;
     println!("{machine}");
     let rdkafka = if cli.rdkafka.is_empty() { "hookd's defaults".to_string() } else { cli.rdkafka.join(" ") };
-    println!("runs: {}  scale: {}  broker: tansu {:?}  librdkafka: {rdkafka}\n", opts.runs, opts.scale, opts.storage);
+    let set = if cli.set.is_empty() { String::new() } else { format!("  hookd config: {}", cli.set.join(" ")) };
+    println!("runs: {}  scale: {}  broker: tansu {:?}  librdkafka: {rdkafka}{set}\n", opts.runs, opts.scale, opts.storage);
     print!("{table}");
     Ok(())
 }
