@@ -69,11 +69,101 @@ pub fn chat_object(m: &ChatMessage) -> Value {
     })
 }
 
+/// [`message_object`] as compact JSON, written straight from the message (no `Value` tree):
+/// what the window store keeps per message, on the ingest hot path. Same bytes as
+/// `serde_json::to_vec(&message_object(m))`.
+pub fn message_bytes(m: &ChatMessage) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Message<'a> {
+        direction: &'a str,
+        timestamp: &'a str,
+        message_id: &'a str,
+        sender: &'a Value,
+        recipient: &'a Value,
+        text: &'a str,
+    }
+    let timestamp = wire_timestamp(&m.timestamp);
+    let message = Message { direction: &m.direction, timestamp: &timestamp, message_id: &m.id, sender: &m.sender, recipient: &m.recipient, text: &m.text };
+    let mut out = Vec::with_capacity(128 + m.text.len());
+    serde_json::to_writer(&mut out, &message).expect("strings and JSON values always serialize");
+    out
+}
+
+/// [`BundleHeader::from_message`] as compact JSON, without the `Value` tree: what the window
+/// store keeps per bundle. Same bytes as `serde_json::to_vec(&BundleHeader::from_message(m))`.
+pub fn header_bytes(m: &ChatMessage) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Account<'a> {
+        full_name: &'a Value,
+        email: &'a Value,
+        phone: &'a Value,
+    }
+    #[derive(Serialize)]
+    struct Chat<'a> {
+        full_name: &'a Value,
+        responsible_name: &'a Value,
+        responsible_email: &'a Value,
+        chat_url: &'a Value,
+        chat_id: &'a str,
+        is_new_chat: &'a Value,
+        is_group: &'a Value,
+        phone: &'a Value,
+    }
+    #[derive(Serialize)]
+    struct Header<'a> {
+        account: Account<'a>,
+        chat: Chat<'a>,
+        permalink: Option<&'a str>,
+    }
+    let a = |key| m.account.get(key).unwrap_or(&Value::Null);
+    let c = |key| m.chat.get(key).unwrap_or(&Value::Null);
+    let header = Header {
+        account: Account { full_name: a("full_name"), email: a("email"), phone: a("phone") },
+        chat: Chat {
+            full_name: c("full_name"),
+            responsible_name: c("responsible_name"),
+            responsible_email: c("responsible_email"),
+            chat_url: if m.chat.contains_key("url") { c("url") } else { c("chat_url") },
+            chat_id: &m.chat_id,
+            is_new_chat: c("is_new_chat"),
+            is_group: c("is_group"),
+            phone: c("phone"),
+        },
+        permalink: m.permalink.as_deref(),
+    };
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, &header).expect("strings and JSON values always serialize");
+    out
+}
+
+/// `t` in [`TIMESTAMP_FORMAT`], without parsing the format string each time (years outside
+/// 0..=9999 take chrono's formatter, which gives them a sign).
+pub fn wire_timestamp(t: &DateTime<Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    if !(0..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
+        return t.format(TIMESTAMP_FORMAT).to_string(); // signed years, leap seconds
+    }
+    let mut b = *b"0000-00-00T00:00:00+0000";
+    let mut put = |at: usize, width: usize, mut n: u32| {
+        for d in b[at..at + width].iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, t.year() as u32);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    String::from_utf8(b.to_vec()).expect("ASCII")
+}
+
 /// One entry of `messages` (or the `message` of a single payload), in the sample's order.
 pub fn message_object(m: &ChatMessage) -> Value {
     json!({
         "direction": m.direction,
-        "timestamp": m.timestamp.format(TIMESTAMP_FORMAT).to_string(),
+        "timestamp": wire_timestamp(&m.timestamp),
         "message_id": m.id,
         "sender": m.sender,
         "recipient": m.recipient,
@@ -316,6 +406,34 @@ mod tests {
 
     fn render(template: Option<&str>, header: &BundleHeader, messages: &[Value]) -> String {
         Summary::new(template).unwrap().render(messages, header).unwrap()
+    }
+
+    /// The hot-path writers give the bytes of the `Value` builders, absent keys and odd
+    /// timestamps included.
+    #[test]
+    fn direct_writers_match_value_builders() {
+        let mut sparse = record("received", "1969-12-31T23:59:59.5+0000", "<b>\"hi\"</b> 👋🏽");
+        for k in ["email", "phone"] {
+            sparse["account"].as_object_mut().unwrap().remove(k);
+        }
+        let chat = sparse["chat"].as_object_mut().unwrap();
+        chat.remove("url");
+        chat.insert("chat_url".into(), json!("https://x/"));
+        chat.insert("extra".into(), json!({"nested": [1, 2]}));
+        sparse.as_object_mut().unwrap().remove("permalink");
+        let mut numeric = record("sent", "2021-02-24T16:25:29+0000", "");
+        numeric["timestamp"] = json!(253_402_300_800_000_i64); // year 10000: chrono's signed form
+        numeric["chat"]["id"] = json!(42);
+        for r in [record("sent", "2021-02-24T16:25:29+0000", "lorem"), sparse, numeric] {
+            let m = decode(r);
+            assert_eq!(message_bytes(&m), serde_json::to_vec(&message_object(&m)).unwrap());
+            assert_eq!(header_bytes(&m), serde_json::to_vec(&BundleHeader::from_message(&m)).unwrap());
+            assert_eq!(wire_timestamp(&m.timestamp), m.timestamp.format(TIMESTAMP_FORMAT).to_string());
+        }
+        for ms in [0, -1, 1_614_183_929_000, 253_402_300_799_999, -62_167_219_200_000] {
+            let t = DateTime::from_timestamp_millis(ms).unwrap();
+            assert_eq!(wire_timestamp(&t), t.format(TIMESTAMP_FORMAT).to_string(), "{ms}");
+        }
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub struct Pending {
     offset: i64,
     ts_ms: i64,
     size_ms: i64,
-    message: Vec<u8>,
-    header: Vec<u8>,
+    message: Arc<[u8]>,
+    header: Arc<[u8]>,
 }
 
 /// Routes one chat message: pass-through deliveries into the work, bundle parts returned.
@@ -59,7 +59,7 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
     let applied = store.checkpoint(work.tp.1).ok().flatten();
     let now = shared.clock.now_ms();
     let source = work.source();
-    let (mut single, mut header) = (None, None);
+    let (mut single, mut header, mut message) = (None, None, None);
     for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
         match sub.aggregation {
             Aggregation::None => {
@@ -67,7 +67,7 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
                 work.deliveries.push((sub.id.clone(), chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone())));
             }
             Aggregation::Every(size) if applied.is_none_or(|c| work.offset > c) => {
-                let header = header.get_or_insert_with(|| serde_json::to_vec(&BundleHeader::from_message(&m)).expect("header serialises"));
+                let header = header.get_or_insert_with(|| Arc::<[u8]>::from(timelines::header_bytes(&m)));
                 pending.push(Pending {
                     sub_id: sub.id.clone(),
                     chat_id: m.chat_id.clone(),
@@ -75,7 +75,7 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
                     offset: work.offset,
                     ts_ms: m.timestamp_ms(),
                     size_ms: size.as_millis() as i64,
-                    message: serde_json::to_vec(&timelines::message_object(&m)).expect("message serialises"),
+                    message: message.get_or_insert_with(|| Arc::<[u8]>::from(timelines::message_bytes(&m))).clone(),
                     header: header.clone(),
                 });
             }

@@ -5,8 +5,13 @@
 //! id, each as u32 BE length then UTF-8 bytes (so no id can be the prefix of another), then
 //! `start_ms`. Every i64 in a key is big-endian with the sign bit flipped, so keys sort as
 //! the numbers do; partitions are u32 BE.
-//! - `b` K → meta: header JSON, end, grace, close_at, count, first/last ts, late and emitting
-//!   flags, and (partition, first offset) of every partition the bundle holds messages of;
+//! - `b` K → meta: end, grace, close_at, late and emitting flags, and (partition, first
+//!   offset) of every partition the bundle holds messages of. It changes only when a bundle
+//!   is created, gets its first late message or a new partition, or begins emission, so a
+//!   message joining an open bundle costs one write (its `m` entry); count and first/last
+//!   times are read off the `m` keys when the bundle is loaded;
+//! - `h` K → the bundle header JSON, written once when the bundle is created (version-1
+//!   metas, which carried it inline, are still read);
 //! - `m` K ts partition offset → message bytes: a bundle's messages in (ts, partition,
 //!   offset) order, read by one prefix scan;
 //! - `d` close_at K → (): the due index, ordered by close time, so closed windows are a
@@ -112,7 +117,7 @@ impl WindowStore {
             if let Some(mut meta) = store.meta(id)? {
                 meta.emitting = false;
                 b.insert(tagged(b'd', &[&ord(meta.close_at_ms), id]), &[]);
-                b.insert(tagged(b'b', &[id]), meta.encode());
+                put_meta(&mut b, id, &meta);
             }
             b.remove(k);
         }
@@ -130,7 +135,7 @@ impl WindowStore {
         }
         let _write = self.lock();
         let mut markers: HashMap<Vec<u8>, Option<i64>> = HashMap::new();
-        let mut slots: HashMap<Vec<u8>, Slot> = HashMap::new();
+        let mut slots: HashMap<Vec<u8>, Slot<'_>> = HashMap::new();
         let mut ckpts: HashMap<i32, i64> = HashMap::new();
         let mut b = Batch::default();
         let mut out = Vec::with_capacity(batch.len());
@@ -156,7 +161,7 @@ impl WindowStore {
             }
             let slot = self.slot(&mut slots, &id, start_ms, m)?;
             slot.meta.add(m, late);
-            slot.dirty = true;
+            slot.header.get_or_insert(m.header);
             b.insert(msg_key(&id, m.ts_ms, m.partition, m.offset), m.message);
             let ckpt = ckpts.entry(m.partition).or_insert(m.offset);
             *ckpt = (*ckpt).max(m.offset);
@@ -202,9 +207,17 @@ impl WindowStore {
         let _write = self.lock();
         let id = key.encode();
         let Some(mut meta) = self.meta(&id)? else { return Ok(None) };
-        let mut messages = Vec::with_capacity(meta.count as usize);
+        let inline = meta.header.take();
+        let header = match &inline {
+            Some(inline) => inline.clone(),
+            None => self.tree.get(tagged(b'h', &[&id]))?.ok_or_else(|| corrupt("bundle header"))?.to_vec(),
+        };
+        let (mut messages, mut first_ts_ms, mut last_ts_ms) = (Vec::new(), i64::MAX, i64::MIN);
         for kv in self.tree.scan_prefix(tagged(b'm', &[&id])) {
-            messages.push(kv?.1.to_vec());
+            let (k, v) = kv?;
+            let ts = unord(&k[k.len() - 20..k.len() - 12]);
+            (first_ts_ms, last_ts_ms) = (first_ts_ms.min(ts), last_ts_ms.max(ts));
+            messages.push(v.to_vec());
         }
         if !meta.emitting {
             meta.emitting = true;
@@ -213,7 +226,10 @@ impl WindowStore {
             let mut b = Batch::default();
             b.remove(tagged(b'd', &[&ord(meta.close_at_ms), &id]));
             b.insert(tagged(b'x', &[&id]), &[]);
-            b.insert(tagged(b'b', &[&id]), meta.encode());
+            if inline.is_some() {
+                b.insert(tagged(b'h', &[&id]), &header[..]); // a version-1 meta: move it out
+            }
+            put_meta(&mut b, &id, &meta);
             if marker.is_none_or(|m| m < meta.end_ms) {
                 b.insert(marker_key, &ord(meta.end_ms));
             }
@@ -223,10 +239,10 @@ impl WindowStore {
         Ok(Some(Bundle {
             key: key.clone(),
             end_ms: meta.end_ms,
-            header: meta.header,
+            header,
             messages,
-            first_ts_ms: meta.first_ts_ms,
-            last_ts_ms: meta.last_ts_ms,
+            first_ts_ms,
+            last_ts_ms,
             late: meta.late,
             partition: first.partition,
             first_offset: first.first_offset,
@@ -306,17 +322,17 @@ impl WindowStore {
     }
 
     /// The bundle `id` as this batch sees it: loaded once, then changed in memory.
-    fn slot<'s>(
+    fn slot<'s, 'a>(
         &self,
-        slots: &'s mut HashMap<Vec<u8>, Slot>,
+        slots: &'s mut HashMap<Vec<u8>, Slot<'a>>,
         id: &[u8],
         start_ms: i64,
-        m: &Incoming<'_>,
-    ) -> Result<&'s mut Slot, sled::Error> {
+        m: &Incoming<'a>,
+    ) -> Result<&'s mut Slot<'a>, sled::Error> {
         if !slots.contains_key(id) {
             let slot = match self.meta(id)? {
-                Some(meta) => Slot { before: Some(meta.parts.clone()), meta, dirty: false },
-                None => Slot { before: None, meta: Meta::new(start_ms, m), dirty: false },
+                Some(meta) => Slot { before: Some(meta.clone()), meta, header: None },
+                None => Slot { before: None, meta: Meta::new(start_ms, m), header: None },
             };
             slots.insert(id.to_vec(), slot);
         }
@@ -333,28 +349,24 @@ impl WindowStore {
         b.remove(tagged(b'd', &[&ord(meta.close_at_ms), id]));
         b.remove(tagged(b'x', &[id]));
         b.remove(tagged(b'b', &[id]));
+        b.remove(tagged(b'h', &[id]));
         Ok(())
     }
 
     /// Drops one partition's messages from a bundle that also holds another partition's.
     fn drop_shared(&self, b: &mut Batch, id: &[u8], mut meta: Meta, partition: i32) -> Result<(), sled::Error> {
-        let (mut count, mut first, mut last) = (0, i64::MAX, i64::MIN);
         for kv in self.tree.scan_prefix(tagged(b'm', &[id])) {
             let (k, _) = kv?;
             let n = k.len();
             if u32::from_be_bytes([k[n - 12], k[n - 11], k[n - 10], k[n - 9]]) as i32 == partition {
                 b.remove(k);
-            } else {
-                let ts = unord(&k[n - 20..n - 12]);
-                (count, first, last) = (count + 1, first.min(ts), last.max(ts));
             }
         }
         for p in meta.parts.iter().filter(|p| p.partition == partition) {
             b.remove(wm_key(p.partition, p.first_offset, id));
         }
         meta.parts.retain(|p| p.partition != partition);
-        (meta.count, meta.first_ts_ms, meta.last_ts_ms) = (count, first, last);
-        b.insert(tagged(b'b', &[id]), meta.encode());
+        put_meta(b, id, &meta);
         Ok(())
     }
 
@@ -386,25 +398,28 @@ impl BundleKey {
 }
 
 /// A bundle touched by one `apply`: its metadata before and after the batch.
-struct Slot {
-    /// Watermark entries as stored; `None` for a bundle this batch creates.
-    before: Option<Vec<Part>>,
+struct Slot<'a> {
+    /// The meta as stored; `None` for a bundle this batch creates.
+    before: Option<Meta>,
     meta: Meta,
-    /// A message was added (a slot may be loaded only to find it is being emitted).
-    dirty: bool,
+    /// Header of the first message added in this batch; `None` if none was added (a slot
+    /// may be loaded only to find it is being emitted).
+    header: Option<&'a [u8]>,
 }
 
 /// Adds the metas, due and watermark entries of one `apply` to its batch; returns how many
 /// bundles it creates.
-fn write_slots(b: &mut Batch, slots: &HashMap<Vec<u8>, Slot>) -> i64 {
+fn write_slots(b: &mut Batch, slots: &HashMap<Vec<u8>, Slot<'_>>) -> i64 {
     let mut created = 0;
-    for (id, slot) in slots.iter().filter(|(_, s)| s.dirty) {
-        let meta = &slot.meta;
+    for (id, slot) in slots.iter() {
+        let (meta, Some(header)) = (&slot.meta, slot.header) else { continue };
         let before: &[Part] = match &slot.before {
-            Some(parts) => parts,
+            Some(before) if before == meta => continue, // joined: its `m` entry is all
+            Some(before) => &before.parts,
             None => {
                 created += 1;
                 b.insert(tagged(b'd', &[&ord(meta.close_at_ms), id]), &[]);
+                b.insert(tagged(b'h', &[id]), header);
                 &[]
             }
         };
@@ -414,9 +429,17 @@ fn write_slots(b: &mut Batch, slots: &HashMap<Vec<u8>, Slot>) -> i64 {
         for p in meta.parts.iter().filter(|p| !before.contains(p)) {
             b.insert(wm_key(p.partition, p.first_offset, id), &[]);
         }
-        b.insert(tagged(b'b', &[id]), meta.encode());
+        put_meta(b, id, meta);
     }
     created
+}
+
+/// Writes a meta; one read from a version-1 entry also gets its inline header moved to `h`.
+fn put_meta(b: &mut Batch, id: &[u8], meta: &Meta) {
+    if let Some(header) = &meta.header {
+        b.insert(tagged(b'h', &[id]), &header[..]);
+    }
+    b.insert(tagged(b'b', &[id]), meta.encode());
 }
 
 /// What the store keeps about a bundle besides its messages.
@@ -426,16 +449,15 @@ struct Meta {
     grace_ms: i64,
     /// `end + grace`, fixed at creation: it names the bundle's due entry.
     close_at_ms: i64,
-    first_ts_ms: i64,
-    last_ts_ms: i64,
-    count: u64,
     late: bool,
     /// Emission has begun: the bundle is in `x`, not in `d`.
     emitting: bool,
     /// Each partition the bundle holds messages of, with its smallest offset; first is the
     /// partition of the first message.
     parts: Vec<Part>,
-    header: Vec<u8>,
+    /// The header of a version-1 entry, which carried it inline; `None` from version 2 on
+    /// (it is under `h`).
+    header: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -444,7 +466,7 @@ struct Part {
     first_offset: i64,
 }
 
-const META_VERSION: u8 = 1;
+const META_VERSION: u8 = 2;
 
 impl Meta {
     fn new(start_ms: i64, m: &Incoming<'_>) -> Self {
@@ -454,20 +476,14 @@ impl Meta {
             end_ms,
             grace_ms,
             close_at_ms: end_ms.saturating_add(grace_ms),
-            first_ts_ms: i64::MAX,
-            last_ts_ms: i64::MIN,
-            count: 0,
             late: false,
             emitting: false,
             parts: Vec::new(),
-            header: m.header.to_vec(),
+            header: None,
         }
     }
 
     fn add(&mut self, m: &Incoming<'_>, late: bool) {
-        self.count += 1;
-        self.first_ts_ms = self.first_ts_ms.min(m.ts_ms);
-        self.last_ts_ms = self.last_ts_ms.max(m.ts_ms);
         self.late |= late;
         match self.parts.iter_mut().find(|p| p.partition == m.partition) {
             Some(p) => p.first_offset = p.first_offset.min(m.offset),
@@ -475,12 +491,12 @@ impl Meta {
         }
     }
 
-    /// version, flags, six i64, part count (u16), parts, then the header to the end.
+    /// Version 2: version, flags, three i64 (end, grace, close_at), part count (u16), parts.
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(52 + 12 * self.parts.len() + self.header.len());
+        let mut v = Vec::with_capacity(28 + 12 * self.parts.len());
         v.push(META_VERSION);
         v.push(u8::from(self.late) | (u8::from(self.emitting) << 1));
-        for n in [self.end_ms, self.grace_ms, self.close_at_ms, self.first_ts_ms, self.last_ts_ms, self.count as i64] {
+        for n in [self.end_ms, self.grace_ms, self.close_at_ms] {
             v.extend_from_slice(&n.to_be_bytes());
         }
         v.extend_from_slice(&(self.parts.len() as u16).to_be_bytes());
@@ -488,19 +504,24 @@ impl Meta {
             v.extend_from_slice(&p.partition.to_be_bytes());
             v.extend_from_slice(&p.first_offset.to_be_bytes());
         }
-        v.extend_from_slice(&self.header);
         v
     }
 
+    /// Version 2, or version 1: three more i64 (first and last ts, count, now read off the
+    /// `m` keys) after close_at, and the header after the parts.
     fn decode(v: &[u8]) -> Option<Self> {
         let mut r = Reader(v);
-        if r.take(1)? != [META_VERSION] {
+        let version = r.take(1)?[0];
+        if !(1..=META_VERSION).contains(&version) {
             return None;
         }
         let flags = r.take(1)?[0];
-        let mut n = [0i64; 6];
+        let mut n = [0i64; 3];
         for x in &mut n {
             *x = r.i64()?;
+        }
+        if version == 1 {
+            r.take(24)?;
         }
         let parts_len = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
         let mut parts = Vec::with_capacity(parts_len as usize);
@@ -508,19 +529,9 @@ impl Meta {
             let partition = i32::from_be_bytes(r.take(4)?.try_into().ok()?);
             parts.push(Part { partition, first_offset: r.i64()? });
         }
-        let [end_ms, grace_ms, close_at_ms, first_ts_ms, last_ts_ms, count] = n;
-        Some(Self {
-            end_ms,
-            grace_ms,
-            close_at_ms,
-            first_ts_ms,
-            last_ts_ms,
-            count: count as u64,
-            late: flags & 1 != 0,
-            emitting: flags & 2 != 0,
-            parts,
-            header: r.0.to_vec(),
-        })
+        let [end_ms, grace_ms, close_at_ms] = n;
+        let header = (version == 1).then(|| r.0.to_vec());
+        Some(Self { end_ms, grace_ms, close_at_ms, late: flags & 1 != 0, emitting: flags & 2 != 0, parts, header })
     }
 }
 
@@ -785,6 +796,47 @@ mod tests {
         assert_eq!(s.due(i64::MAX, 10).unwrap(), [key("s", "a", 0), key("s", "b", H)], "an emission cut short is due again");
         assert_eq!(texts(&s.begin_emit(&key("s", "a", 0)).unwrap().unwrap()), ["a1", "a2"]);
         assert_eq!(s.apply(&[msg("s", "a", 2, 43, 2, b"a3")]).unwrap(), [(key("s", "a", H), true)], "the late marker survived");
+    }
+
+    /// A join writes only its message; the bundle still reports its count, first and last
+    /// times and header when loaded.
+    #[test]
+    fn join_writes_one_entry_and_bundle_reads_back_whole() {
+        let (_d, s) = open();
+        s.apply(&[msg("s", "a", 0, 1, 10, b"a1")]).unwrap();
+        let before = s.tree.len();
+        s.apply(&[msg("s", "a", 0, 2, 5, b"a0"), msg("s", "a", 0, 3, 30, b"a2")]).unwrap();
+        assert_eq!(s.tree.len(), before + 2, "two `m` entries, no meta or index change");
+        let b = s.begin_emit(&key("s", "a", 0)).unwrap().unwrap();
+        assert_eq!((texts(&b), b.first_ts_ms, b.last_ts_ms), (vec!["a0", "a1", "a2"], 5, 30));
+        assert_eq!((b.header.as_slice(), b.partition, b.first_offset, b.late), (HEADER, 0, 1, false));
+    }
+
+    /// A store written by a version with the header inside the meta (version 1) is read, and
+    /// its header moves out when the meta is next written.
+    #[test]
+    fn reads_version_1_metas() {
+        let (_d, s) = open();
+        s.apply(&[msg("s", "a", 0, 7, 10, b"a1")]).unwrap();
+        let id = key("s", "a", 0).encode();
+        let mut v1 = vec![1, 0];
+        for n in [H, MIN, H + MIN, 10, 10, 1] {
+            v1.extend_from_slice(&n.to_be_bytes());
+        }
+        v1.extend_from_slice(&1u16.to_be_bytes());
+        v1.extend_from_slice(&0i32.to_be_bytes());
+        v1.extend_from_slice(&7i64.to_be_bytes());
+        v1.extend_from_slice(br#"{"old":"header"}"#);
+        s.tree.insert(tagged(b'b', &[&id]), v1).unwrap();
+        s.tree.remove(tagged(b'h', &[&id])).unwrap();
+        assert_eq!(s.apply(&[msg("s", "a", 0, 8, 20, b"a2")]).unwrap(), [(key("s", "a", 0), false)]);
+        assert_eq!(s.due(i64::MAX, 10).unwrap(), [key("s", "a", 0)]);
+        let b = s.begin_emit(&key("s", "a", 0)).unwrap().unwrap();
+        assert_eq!((texts(&b), b.header.as_slice(), b.first_offset), (vec!["a1", "a2"], &br#"{"old":"header"}"#[..], 7));
+        assert_eq!(s.tree.get(tagged(b'h', &[&id])).unwrap().as_deref(), Some(&br#"{"old":"header"}"#[..]), "moved out");
+        assert_eq!(s.begin_emit(&key("s", "a", 0)).unwrap().unwrap().header, br#"{"old":"header"}"#);
+        s.remove(&key("s", "a", 0)).unwrap();
+        assert_eq!(s.tree.scan_prefix(tagged(b'h', &[])).count(), 0);
     }
 
     #[test]

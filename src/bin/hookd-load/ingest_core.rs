@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use hookd::deliver::park::ParkStore;
 use hookd::ingest::chat::ChatMessage;
-use hookd::render::timelines::{self, BundleHeader};
+use std::sync::Arc;
+
+use hookd::render::timelines;
 use hookd::route::subscription::{Aggregation, Source};
 use hookd::route::Registry;
 use hookd::window::store::{Incoming, WindowStore};
@@ -30,8 +32,8 @@ struct Part {
     offset: i64,
     ts_ms: i64,
     size_ms: i64,
-    message: Vec<u8>,
-    header: Vec<u8>,
+    message: Arc<[u8]>,
+    header: Arc<[u8]>,
 }
 
 /// Where the time went, summed over a run.
@@ -132,11 +134,11 @@ fn route_one(registry: &Registry, store: &WindowStore, value: &[u8], max_bytes: 
     let event_type = format!("message.{}", m.direction);
     let index = registry.index();
     let applied = store.checkpoint(partition)?;
-    let mut header: Option<Vec<u8>> = None;
+    let (mut header, mut message): (Option<Arc<[u8]>>, Option<Arc<[u8]>>) = (None, None);
     for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
         if let Aggregation::Every(size) = sub.aggregation {
             if applied.is_none_or(|c| offset > c) {
-                let header = header.get_or_insert_with(|| serde_json::to_vec(&BundleHeader::from_message(&m)).expect("header serialises"));
+                let header = header.get_or_insert_with(|| Arc::<[u8]>::from(timelines::header_bytes(&m)));
                 pending.push(Part {
                     sub_id: sub.id.clone(),
                     chat_id: m.chat_id.clone(),
@@ -144,7 +146,7 @@ fn route_one(registry: &Registry, store: &WindowStore, value: &[u8], max_bytes: 
                     offset,
                     ts_ms: m.timestamp_ms(),
                     size_ms: size.as_millis() as i64,
-                    message: serde_json::to_vec(&timelines::message_object(&m))?,
+                    message: message.get_or_insert_with(|| Arc::<[u8]>::from(timelines::message_bytes(&m))).clone(),
                     header: header.clone(),
                 });
             }

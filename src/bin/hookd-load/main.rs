@@ -22,6 +22,11 @@
 //! - [`bundles`]: `memory` and `recovery` (a child process holding 1,000,000 open bundles).
 //! - [`report`]: the machine, the table, medians.
 
+/// mimalloc instead of glibc's malloc: sled and the JSON path allocate per message, and
+/// glibc's allocator was a fifth of the ingest profile (docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod broker;
 mod bundles;
 mod daemon;
