@@ -126,11 +126,15 @@ impl Default for TopicsConfig {
 pub struct StateConfig {
     /// sled directory: a checkpoint, rebuilt from Kafka when lost or corrupt.
     pub path: PathBuf,
+    /// sled's page cache in MiB (sled's own default is 1024): the bulk of hookd's memory
+    /// with many open bundles; smaller means more disk reads when bundles are written and
+    /// emitted.
+    pub cache_mb: u64,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        Self { path: "data/hookd".into() }
+        Self { path: "data/hookd".into(), cache_mb: 128 }
     }
 }
 

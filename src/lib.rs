@@ -124,7 +124,7 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
             tracing::warn!(%error, "Could not create topics; expecting them to exist.");
         }
     }
-    let (park, wiped) = ParkStore::open(&config.state.path)?;
+    let (park, wiped) = ParkStore::open_with_cache(&config.state.path, config.state.cache_mb << 20)?;
     if wiped {
         metrics.state_wipes.inc();
     }

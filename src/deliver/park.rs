@@ -33,10 +33,11 @@ pub struct ParkStore {
     tree: Tree,
 }
 
-fn open_db(dir: &Path) -> Result<(sled::Db, bool), sled::Error> {
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, bool), sled::Error> {
     use std::io::ErrorKind;
+    let config = || sled::Config::new().path(dir).cache_capacity(cache_bytes);
     for _ in 0..50 {
-        match sled::open(dir) {
+        match config().open() {
             Ok(db) => return Ok((db, false)),
             // sled reports a held lock as `Other` with this text (sled 0.34 `config.rs`).
             Err(sled::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") => {
@@ -48,7 +49,7 @@ fn open_db(dir: &Path) -> Result<(sled::Db, bool), sled::Error> {
             Err(error) => {
                 tracing::warn!(%error, path = %dir.display(), "State store unreadable; wiping it and replaying from Kafka.");
                 let _ = std::fs::remove_dir_all(dir);
-                return Ok((sled::open(dir)?, true));
+                return Ok((config().open()?, true));
             }
         }
     }
@@ -92,7 +93,12 @@ impl ParkStore {
     /// the lock (an instance in this process may still be closing), then fails.
     /// Returns whether the store was wiped.
     pub fn open(dir: &Path) -> Result<(Self, bool), sled::Error> {
-        let (db, wiped) = open_db(dir)?;
+        Self::open_with_cache(dir, crate::config::StateConfig::default().cache_mb << 20)
+    }
+
+    /// [`Self::open`] with sled's page cache limited to `cache_bytes` (`state.cache_mb`).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<(Self, bool), sled::Error> {
+        let (db, wiped) = open_db(dir, cache_bytes)?;
         let tree = db.open_tree("retry")?;
         Ok((Self { db, tree }, wiped))
     }

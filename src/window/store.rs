@@ -103,13 +103,16 @@ pub struct WindowStore {
     tree: Tree,
     /// Serialises read-modify-write of metas, markers and the bundle counter.
     write: Arc<Mutex<()>>,
+    /// The checkpoints as stored, read once per partition: the consumer asks for one per
+    /// message. Changed only under `write`, in the same call that writes the key.
+    checkpoints: Arc<Mutex<HashMap<i32, Option<i64>>>>,
 }
 
 impl WindowStore {
     /// Opens the `windows` tree and puts bundles whose emission had begun back in the due
     /// index (the process that began them is gone; emitting again is a duplicate, not a loss).
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        let store = Self { tree: db.open_tree("windows")?, write: Arc::new(Mutex::new(())) };
+        let store = Self { tree: db.open_tree("windows")?, write: Arc::new(Mutex::new(())), checkpoints: Arc::default() };
         let mut b = Batch::default();
         for kv in store.tree.scan_prefix([b'x']) {
             let (k, _) = kv?;
@@ -168,19 +171,40 @@ impl WindowStore {
             out.push((BundleKey { sub_id: m.sub_id.to_owned(), chat_id: m.chat_id.to_owned(), start_ms }, late));
         }
         let created = write_slots(&mut b, &slots);
+        let mut moved = Vec::new();
         for (partition, offset) in ckpts {
-            if self.checkpoint(partition)?.is_none_or(|c| c < offset) {
+            if self.checkpoint_locked(partition)?.is_none_or(|c| c < offset) {
                 b.insert(&ckpt_key(partition), &ord(offset));
+                moved.push((partition, offset));
             }
         }
         self.count_bundles(&mut b, created)?;
         self.tree.apply_batch(b)?;
+        self.cached_checkpoints().extend(moved.into_iter().map(|(p, o)| (p, Some(o))));
         Ok(out)
     }
 
     /// Highest offset of `partition` applied to this store.
     pub fn checkpoint(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        Ok(self.tree.get(ckpt_key(partition))?.map(|v| unord(&v)))
+        if let Some(c) = self.cached_checkpoints().get(&partition) {
+            return Ok(*c);
+        }
+        let _write = self.lock(); // no `apply` between the read and the cache fill
+        self.checkpoint_locked(partition)
+    }
+
+    /// [`Self::checkpoint`] for a caller holding the write lock.
+    fn checkpoint_locked(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
+        if let Some(c) = self.cached_checkpoints().get(&partition) {
+            return Ok(*c);
+        }
+        let c = self.tree.get(ckpt_key(partition))?.map(|v| unord(&v));
+        self.cached_checkpoints().insert(partition, c);
+        Ok(c)
+    }
+
+    fn cached_checkpoints(&self) -> MutexGuard<'_, HashMap<i32, Option<i64>>> {
+        self.checkpoints.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Keys of bundles not yet being emitted whose close time (end + grace) is at or before
@@ -297,6 +321,7 @@ impl WindowStore {
         b.remove(&ckpt_key(partition));
         self.count_bundles(&mut b, -deleted)?;
         self.tree.apply_batch(b)?;
+        self.cached_checkpoints().insert(partition, None);
         Ok(deleted as usize)
     }
 
