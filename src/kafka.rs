@@ -48,7 +48,10 @@ pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.kafka.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", config.kafka.max_poll_interval_ms.to_string())
-        .set("partition.assignment.strategy", "range,roundrobin");
+        .set("partition.assignment.strategy", "range,roundrobin")
+        // Prefetched records held by librdkafka (its default is 64 MiB): 16 MiB is a good
+        // half second of input at full speed, and the rest of the memory goes to open bundles.
+        .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &config.kafka.librdkafka {
         c.set(k, v);
     }

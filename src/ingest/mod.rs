@@ -258,10 +258,13 @@ impl Ingest {
         }
     }
 
-    fn on_close_tick(&mut self) {
-        for e in self.chat.due(&self.shared) {
+    /// Emits closed bundles; true when more may be due right away.
+    fn on_close_tick(&mut self) -> bool {
+        let (due, more) = self.chat.due(&self.shared);
+        for e in due {
             self.spawn_emission(e);
         }
+        more
     }
 
     fn revoke(&mut self, tp: &Tp) {
@@ -305,7 +308,9 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
             },
             _ = batch_tick.tick() => s.apply_batch(),
             _ = close_tick.tick() => {
-                s.on_close_tick();
+                if s.on_close_tick() {
+                    close_tick.reset_immediately(); // a mass close: next batch after this turn
+                }
                 s.flush_and_store(&consumer).await;
             }
         }

@@ -106,6 +106,13 @@ fn chat_record(sub: &str, tenant: &str, id: String, event: &str, body: Vec<u8>, 
     .encode()
 }
 
+/// Closed bundles loaded and rendered per call of [`ChatStage::due`].
+const DUE_BATCH: usize = 256;
+
+/// Bundles emitted and not yet acknowledged by the broker, at most: bounds the memory of
+/// a mass close (a day's windows closing at once) while keeping the producer busy.
+const MAX_EMITTING: usize = 4096;
+
 /// Chat state owned by the ingest loop.
 pub struct ChatStage {
     pub store: WindowStore,
@@ -204,16 +211,22 @@ impl ChatStage {
         }
     }
 
-    /// Bundles whose window closed, rendered, marked as being emitted.
-    pub fn due(&mut self, shared: &Shared) -> Vec<Emission> {
+    /// Bundles whose window closed, rendered, marked as being emitted: at most
+    /// [`DUE_BATCH`], and none while [`MAX_EMITTING`] are on their way. The flag says whether
+    /// more may be due now (the caller comes back at once instead of at its next tick).
+    pub fn due(&mut self, shared: &Shared) -> (Vec<Emission>, bool) {
+        if self.emitting.len() >= MAX_EMITTING {
+            return (Vec::new(), false); // their acknowledgements make room
+        }
         let now = self.clock.now_ms();
-        let keys = match self.store.due(now, 256) {
+        let keys = match self.store.due(now, DUE_BATCH) {
             Ok(k) => k,
             Err(error) => {
                 tracing::error!(%error, "Reading due windows failed.");
-                return Vec::new();
+                return (Vec::new(), false);
             }
         };
+        let more = keys.len() == DUE_BATCH;
         let mut out = Vec::new();
         for key in keys {
             if self.emitting.contains(&key) {
@@ -240,7 +253,7 @@ impl ChatStage {
                 Err(error) => tracing::error!(%error, "Loading a due bundle failed."),
             }
         }
-        out
+        (out, more)
     }
 
     fn render(&self, shared: &Shared, b: &Bundle) -> Result<Vec<u8>, String> {
