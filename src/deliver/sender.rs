@@ -99,7 +99,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     let log = Arc::new(RebalanceLog::default());
     let group = format!("{}.sender", config.kafka.group_id);
     let consumer: TrackedConsumer =
-        crate::kafka::consumer_config(config, &group).create_with_context(TrackingContext(log.clone()))?;
+        crate::kafka::consumer_config(config, &group).create_with_context(TrackingContext::new(log.clone()))?;
     consumer.subscribe(&[&config.topics.deliveries, &config.topics.retry])?;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let hard_stop = CancellationToken::new();

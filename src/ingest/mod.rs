@@ -244,9 +244,18 @@ impl Ingest {
         }
     }
 
-    /// Flushes the window store, then stores the positions of chat partitions that moved:
-    /// the committed offset never relies on a window write that is not on disk.
+    /// Records each chat partition's settled position (everything below it finished), flushes
+    /// the window store, then stores the positions of chat partitions that moved: the
+    /// committed offset never relies on a window write that is not on disk, and the settled
+    /// position is written after the bundle parts it covers, so it is never durable without them.
     async fn flush_and_store(&mut self, consumer: &TrackedConsumer) {
+        for ((topic, partition), pos) in self.tracker.positions() {
+            if topic == self.chat.topic() {
+                if let Err(error) = self.chat.store.set_settled(partition, pos) {
+                    tracing::error!(%error, partition, "Recording the settled position failed.");
+                }
+            }
+        }
         if let Err(error) = self.db.flush_async().await {
             return tracing::error!(%error, "Window store flush failed; positions not stored.");
         }
@@ -272,13 +281,22 @@ impl Ingest {
     }
 }
 
+/// Where a newly assigned chat partition may resume: its settled position in the window
+/// store (every record below it finished: pass-through acknowledged, bundle part stored).
+/// The committed offset stays at the low-watermark, so with the store lost the partition
+/// replays from there and rebuilds its open bundles.
+fn chat_resume(chat_topic: &str, windows: WindowStore) -> crate::kafka::Resume {
+    let chat_topic = chat_topic.to_string();
+    Box::new(move |topic, partition| if topic == chat_topic { windows.settled(partition).ok().flatten() } else { None })
+}
+
 /// Runs ingest until `shutdown`; then lets in-flight records settle within the grace and
 /// commits what is finished. Open bundles stay in the window store for the next start.
 pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdown: CancellationToken) -> Result<(), Error> {
     let config = &shared.config;
     let log = Arc::new(crate::kafka::RebalanceLog::default());
-    let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &config.kafka.group_id)
-        .create_with_context(crate::kafka::TrackingContext(log.clone()))?;
+    let context = crate::kafka::TrackingContext::new(log.clone()).resuming(chat_resume(&config.topics.chat_messages, windows.clone()));
+    let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &config.kafka.group_id).create_with_context(context)?;
     consumer.subscribe(&[&config.topics.crm_events, &config.topics.chat_messages])?;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let chat = ChatStage::new(&shared, windows).map_err(|e| Error::Http(e.to_string()))?;
@@ -294,6 +312,9 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
             s.revoke(&tp);
         }
         log.assigned.lock().expect("rebalance log poisoned").clear();
+        for r in log.resumed.lock().expect("rebalance log poisoned").drain(..) {
+            shared.metrics.resume_skipped.with_label_values(&["chat"]).inc_by((r.settled - r.committed) as u64);
+        }
         let can_read = s.tracker.pending() < config.ingest.max_in_flight;
         tokio::select! {
             biased;
