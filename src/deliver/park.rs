@@ -6,8 +6,8 @@
 //! - `s` partition offset → due_ms: the source index, for the low-watermark;
 //! - `c` partition → highest offset applied: the checkpoint;
 //! - `f` partition → the settled position: every record below it is parked here (or was
-//!   removed after its send) or, if unreadable, dead-lettered. Written before a flush, after
-//!   the parks it covers.
+//!   removed after its send) or, if unreadable, dead-lettered. Taken before a flush and
+//!   written after it, so it never reaches disk ahead of the parks it covers.
 //!
 //! Offsets of `hookd.retry` obey DESIGN section 2: the position committed for a partition is
 //! the smallest source offset still parked (its work is unfinished), or one past the

@@ -159,7 +159,9 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
         state.finished(&ctx, &consumer, origin);
     }
     let _ = verifier.await;
-    state.record_settled(&ctx);
+    let settled = state.settled(&ctx);
+    let _ = ctx.park.flush().await;
+    state.record_settled(&ctx, settled);
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
     crate::kafka::final_commit(&consumer, "sender");
@@ -266,23 +268,27 @@ impl LoopState {
         }
     }
 
-    /// Records each retry partition's settled position (the tracker's: every record below it
-    /// parked or dead-lettered) for the next flush; it is written after the parks it covers.
-    fn record_settled(&mut self, ctx: &Ctx) {
+    /// Each retry partition's settled position: the tracker's (every record below it parked,
+    /// skipped as parked already, or dead-lettered). Taken before a flush of the parks it covers.
+    fn settled(&self, ctx: &Ctx) -> Vec<(i32, i64)> {
         let topic = &ctx.shared.config.topics.retry;
-        for ((t, partition), pos) in self.tracker.positions() {
-            if &t == topic {
-                match ctx.park.set_settled(partition, pos) {
-                    Ok(moved) => self.unflushed |= moved,
-                    Err(error) => tracing::error!(%error, partition, "Recording the settled position failed."),
-                }
+        self.tracker.positions().into_iter().filter(|((t, _), _)| t == topic).map(|((_, p), pos)| (p, pos)).collect()
+    }
+
+    /// Writes settled positions taken before the last successful flush; they reach disk with
+    /// the next one, never before the parks they cover.
+    fn record_settled(&mut self, ctx: &Ctx, settled: Vec<(i32, i64)>) {
+        for (partition, pos) in settled {
+            match ctx.park.set_settled(partition, pos) {
+                Ok(moved) => self.unflushed |= moved,
+                Err(error) => tracing::error!(%error, partition, "Recording the settled position failed."),
             }
         }
     }
 
     /// Flushes sled, stores retry positions, and starts due parked deliveries.
     async fn on_tick(&mut self, ctx: &Arc<Ctx>, tasks: &TaskTracker, consumer: &TrackedConsumer) {
-        self.record_settled(ctx);
+        let settled = self.settled(ctx);
         if self.unflushed {
             if let Err(error) = ctx.park.flush().await {
                 tracing::error!(%error, "Retry store flush failed.");
@@ -290,6 +296,7 @@ impl LoopState {
             }
             self.unflushed = false;
         }
+        self.record_settled(ctx, settled);
         self.store_parked_positions(ctx, consumer);
         let due = match ctx.park.due(now_ms(), 1024) {
             Ok(d) => d,

@@ -8,7 +8,9 @@
 //! store, and every earlier record of the partition is finished too
 //! ([`offsets::OffsetTracker`]). For chat partitions the position is further held at the
 //! oldest open bundle's first offset. A crash therefore replays at most the unfinished tail,
-//! and replayed deliveries carry the same `webhook-id`.
+//! and replayed deliveries carry the same `webhook-id`. With the window store intact, a chat
+//! partition is assigned at its settled position instead of the committed offset
+//! ([`crate::kafka::TrackingContext`]), so the records of open bundles are not read again.
 //!
 //! Bad input never stops the stage: it becomes a dead letter with the reason. A render error
 //! for one subscription dead-letters that (event, subscription) pair only.
@@ -244,20 +246,20 @@ impl Ingest {
         }
     }
 
-    /// Records each chat partition's settled position (everything below it finished), flushes
-    /// the window store, then stores the positions of chat partitions that moved: the
-    /// committed offset never relies on a window write that is not on disk, and the settled
-    /// position is written after the bundle parts it covers, so it is never durable without them.
+    /// Flushes the window store, then stores the positions of chat partitions that moved: the
+    /// committed offset never relies on a window write that is not on disk. The settled
+    /// positions (everything below finished) are taken before the flush and written after it,
+    /// so a settled position can only reach disk after every bundle part it covers.
     async fn flush_and_store(&mut self, consumer: &TrackedConsumer) {
-        for ((topic, partition), pos) in self.tracker.positions() {
-            if topic == self.chat.topic() {
-                if let Err(error) = self.chat.store.set_settled(partition, pos) {
-                    tracing::error!(%error, partition, "Recording the settled position failed.");
-                }
-            }
-        }
+        let settled: Vec<(i32, i64)> =
+            self.tracker.positions().into_iter().filter(|((t, _), _)| t == self.chat.topic()).map(|((_, p), pos)| (p, pos)).collect();
         if let Err(error) = self.db.flush_async().await {
             return tracing::error!(%error, "Window store flush failed; positions not stored.");
+        }
+        for (partition, pos) in settled {
+            if let Err(error) = self.chat.store.set_settled(partition, pos) {
+                tracing::error!(%error, partition, "Recording the settled position failed.");
+            }
         }
         let topic = self.chat.topic().to_string();
         for partition in std::mem::take(&mut self.chat_dirty) {
@@ -346,6 +348,9 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
         s.on_done(&consumer, done);
     }
     s.flush_and_store(&consumer).await;
+    if let Err(error) = s.db.flush_async().await {
+        tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
+    }
     crate::kafka::final_commit(&consumer, "ingest");
     Ok(())
 }

@@ -17,10 +17,10 @@
 //!   bundle holds messages of (one, unless the topic was repartitioned);
 //! - `c` partition → highest offset applied: the checkpoint;
 //! - `f` partition → the settled position (finished below): every offset below it is finished (its
-//!   pass-through deliveries acknowledged, its bundle part applied here). Written by the
-//!   consumer just before each flush, so it is never on disk ahead of the bundle parts it
-//!   vouches for (sled recovers a prefix of its writes); on assignment the consumer seeks
-//!   to it instead of re-reading from the committed low-watermark;
+//!   pass-through deliveries acknowledged, its bundle part applied here). Taken by the
+//!   consumer before a flush and written after it, so it never reaches disk ahead of the
+//!   bundle parts it vouches for; on assignment the consumer starts there instead of
+//!   re-reading from the committed low-watermark;
 //! - `e` sub chat → end of the last window emitted for the pair: the late marker. A message
 //!   whose window ends at or before it goes to the window starting at it, flagged late.
 //!   Markers are kept after `remove` and `drop_partition` (one small entry per pair);
@@ -184,8 +184,8 @@ impl WindowStore {
     }
 
     /// Records that every offset of `partition` below `position` is finished; never moves
-    /// backwards. Call it before the flush that precedes committing, after the bundle parts
-    /// of those offsets were applied.
+    /// backwards. `position` must have been taken before a flush that completed, so the
+    /// bundle parts of those offsets are on disk before this entry can be.
     pub fn set_settled(&self, partition: i32, position: i64) -> Result<(), sled::Error> {
         let _write = self.lock();
         if self.settled(partition)?.is_none_or(|s| s < position) {
