@@ -180,30 +180,136 @@ pub async fn dead_letter(
     Ok(())
 }
 
-/// Partitions revoked by a rebalance, handed from the consumer's callback (which runs on
-/// the polling thread) to the stage's loop, which forgets their pending offsets.
+/// Partitions revoked and assigned by a rebalance, handed from the consumer's callback (which
+/// runs on the polling thread) to the stage's loop, which forgets revoked partitions' state.
 #[derive(Default)]
 pub struct RebalanceLog {
     pub revoked: std::sync::Mutex<Vec<(String, i32)>>,
     pub assigned: std::sync::Mutex<Vec<(String, i32)>>,
+    /// Partitions assigned at a position past their committed offset ([`Resume`]).
+    pub resumed: std::sync::Mutex<Vec<Resumed>>,
 }
 
-/// Consumer context that records revocations in a [`RebalanceLog`].
-pub struct TrackingContext(pub std::sync::Arc<RebalanceLog>);
+/// Asks a stage where a newly assigned partition may resume with its local state intact: a
+/// position below which every record is finished and kept in sled (DESIGN section 2: "seek past
+/// what sled already applied"), or None to resume from the committed offset.
+pub type Resume = Box<dyn Fn(&str, i32) -> Option<i64> + Send + Sync>;
+
+/// A partition assigned past its committed offset: records `committed..settled` are not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumed {
+    pub topic: String,
+    pub partition: i32,
+    pub committed: i64,
+    pub settled: i64,
+}
+
+/// Consumer context that records rebalances in a [`RebalanceLog`] and, with a [`Resume`],
+/// assigns partitions at the stage's settled position when it is past the committed offset.
+pub struct TrackingContext {
+    log: std::sync::Arc<RebalanceLog>,
+    resume: Option<Resume>,
+}
+
+impl TrackingContext {
+    pub fn new(log: std::sync::Arc<RebalanceLog>) -> Self {
+        Self { log, resume: None }
+    }
+
+    /// Resumes assigned partitions where `resume` says, when that is past the committed offset.
+    pub fn resuming(self, resume: Resume) -> Self {
+        Self { resume: Some(resume), ..self }
+    }
+
+    /// Sets the offset of each assigned partition that has a settled position past its
+    /// committed offset, so the assignment starts there. The committed offset itself is left
+    /// as it is (it stays at the low-watermark, for a replay with state lost). A partition
+    /// whose revocation the stage has not processed yet is left alone: its state is about to
+    /// be dropped. Any doubt (committed offsets unreadable) means no seek, i.e. a replay.
+    fn seek_past_settled(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, tpl: &mut rdkafka::TopicPartitionList) {
+        use rdkafka::consumer::Consumer;
+        let Some(resume) = &self.resume else { return };
+        let mut wanted = rdkafka::TopicPartitionList::new();
+        let mut settled = std::collections::HashMap::new();
+        {
+            let revoked = self.log.revoked.lock().expect("rebalance log poisoned");
+            for e in tpl.elements() {
+                let tp = (e.topic().to_string(), e.partition());
+                if revoked.contains(&tp) {
+                    continue;
+                }
+                if let Some(pos) = resume(&tp.0, tp.1) {
+                    wanted.add_partition(&tp.0, tp.1);
+                    settled.insert(tp, pos);
+                }
+            }
+        }
+        if settled.is_empty() {
+            return;
+        }
+        let committed = match consumer.committed_offsets(wanted, Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(error) => return tracing::warn!(%error, "Committed offsets unreadable; resuming from them (replay)."),
+        };
+        let mut resumed = self.log.resumed.lock().expect("rebalance log poisoned");
+        for e in committed.elements() {
+            let tp = (e.topic().to_string(), e.partition());
+            let (Some(&pos), rdkafka::Offset::Offset(committed)) = (settled.get(&tp), e.offset()) else { continue };
+            if pos > committed && tpl.set_partition_offset(&tp.0, tp.1, rdkafka::Offset::Offset(pos)).is_ok() {
+                tracing::info!(topic = %tp.0, partition = tp.1, committed, settled = pos, "Resuming past the committed offset; local state holds the rest.");
+                resumed.push(Resumed { topic: tp.0, partition: tp.1, committed, settled: pos });
+            }
+        }
+    }
+}
 
 impl rdkafka::ClientContext for TrackingContext {}
 
 impl rdkafka::consumer::ConsumerContext for TrackingContext {
+    /// rdkafka's default rebalance (pre-rebalance, assign or unassign, post-rebalance), with
+    /// the assignment's offsets set by [`TrackingContext::seek_past_settled`] first: assigning
+    /// at an explicit offset is librdkafka's way to start a partition elsewhere than at its
+    /// committed offset without a seek racing the first fetch.
+    fn rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
+    ) {
+        use rdkafka::consumer::{Consumer, Rebalance, RebalanceProtocol};
+        use rdkafka::types::RDKafkaRespErr::{RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS as ASSIGN, RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS as REVOKE};
+        if err == ASSIGN {
+            self.seek_past_settled(consumer, tpl);
+        }
+        let rebalance = match err {
+            ASSIGN => Rebalance::Assign(tpl),
+            REVOKE => Rebalance::Revoke(tpl),
+            other => Rebalance::Error(KafkaError::Rebalance(other.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match (err == ASSIGN, cooperative) {
+            (true, true) => consumer.incremental_assign(tpl),
+            (true, false) => consumer.assign(tpl),
+            (false, true) => consumer.incremental_unassign(tpl),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, "Applying a rebalance failed.");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
         if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
-            let mut r = self.0.revoked.lock().expect("rebalance log poisoned");
+            let mut r = self.log.revoked.lock().expect("rebalance log poisoned");
             r.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
         }
     }
 
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
         if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
-            let mut a = self.0.assigned.lock().expect("rebalance log poisoned");
+            let mut a = self.log.assigned.lock().expect("rebalance log poisoned");
             a.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
         }
     }

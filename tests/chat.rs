@@ -166,3 +166,66 @@ async fn open_bundles_survive_a_graceful_restart_and_close_on_time() {
     stop.cancel();
     daemon.wait().await.unwrap();
 }
+
+/// DESIGN section 2: on assignment, seek past what sled already applied. After a graceful
+/// stop with open bundles, the restarted daemon reads none of the old records again (neither
+/// their bundle part nor their pass-through is redone), the committed offset still sits at the
+/// oldest open bundle, and new messages are bundled with the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_open_bundles_reads_no_old_record_again() {
+    let (_mock, brokers) = mock_broker();
+    let rx = Receiver::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0 + 60_000));
+    let (daemon, stop) = start(&brokers, state.path(), &rx, clock.clone()).await;
+    let p = producer(&brokers);
+    let send = |i: i64, chat: String| {
+        let p = p.clone();
+        async move { produce(&p, "chat.messages", &chat, Some(&message(&format!("m{i}"), &chat, T0 + i * 1000, "John Doe", &format!("text {i}")))).await }
+    };
+    for i in 0..20 {
+        send(i, format!("c{}", i % 5)).await;
+    }
+    let shared = daemon.shared.clone();
+    wait_until(Duration::from_secs(30), "five open bundles", || {
+        let n = shared.metrics.open_bundles.get();
+        async move { n == 5 }
+    })
+    .await;
+    rx.wait_for(20, Duration::from_secs(30)).await;
+    drop(shared);
+    stop.cancel();
+    daemon.wait().await.unwrap();
+
+    let (daemon, stop) = start(&brokers, state.path(), &rx, clock.clone()).await;
+    send(20, "c0".into()).await;
+    send(21, "new".into()).await;
+    let shared = daemon.shared.clone();
+    wait_until(Duration::from_secs(30), "the new chat's bundle", || {
+        let n = shared.metrics.open_bundles.get();
+        async move { n == 6 }
+    })
+    .await;
+    let m = &daemon.shared.metrics;
+    assert_eq!(m.events_consumed.with_label_values(&["chat"]).get(), 2, "only the two new messages were read");
+    assert_eq!(m.resume_skipped.with_label_values(&["chat"]).get(), 20, "every old record skipped by the seek");
+    clock.set(T0 + 2 * 3_600_000);
+    wait_until(Duration::from_secs(30), "six bundles", || {
+        let n = bundles(&rx).len();
+        async move { n == 6 }
+    })
+    .await;
+    let c0 = bundles(&rx).into_iter().find(|b| b["chat"]["chat_id"] == "c0").unwrap();
+    assert_eq!(c0["messages"].as_array().unwrap().len(), 5, "old and new messages of a chat in one bundle");
+    let total: usize = bundles(&rx).iter().map(|b| b["messages"].as_array().unwrap().len()).sum();
+    assert_eq!(total, 22, "every message in exactly one bundle");
+    let each = || rx.requests().iter().filter(|r| r.path == "/each").count();
+    wait_until(Duration::from_secs(30), "pass-through of the new messages", || {
+        let n = each();
+        async move { n >= 22 }
+    })
+    .await;
+    assert_eq!(each(), 22, "pass-through of the old messages not redone");
+    stop.cancel();
+    daemon.wait().await.unwrap();
+}

@@ -304,4 +304,17 @@ async fn delayed_retries_do_not_block_due_ones_and_teamcrop_wants_exactly_200() 
     assert!(m.contains("hookd_request_errors_total{kind=\"status\"} 2"), "{m}");
     stop.cancel();
     daemon.wait().await.unwrap();
+
+    // Restarted with the retry store intact: the parked retry is kept, and the retry partition
+    // resumes past its committed offset (held at the parked record) instead of re-reading it.
+    let (daemon, stop) = start_daemon(config(&brokers, state.path(), &subs)).await;
+    let shared = daemon.shared.clone();
+    wait_until(Duration::from_secs(30), "the retry partitions resumed past the parked record", || {
+        let n = shared.metrics.resume_skipped.with_label_values(&["retry"]).get();
+        async move { n >= 1 }
+    })
+    .await;
+    assert_eq!(daemon.shared.metrics.retry_queue_depth.get(), 1, "slow's retry still parked");
+    stop.cancel();
+    daemon.wait().await.unwrap();
 }

@@ -4,13 +4,17 @@
 //! - `p` due_ms(u64 BE) partition(u32 BE) offset(u64 BE) → delivery record: ordered by due
 //!   time, so finding due work is a range scan from the start, never a full scan;
 //! - `s` partition offset → due_ms: the source index, for the low-watermark;
-//! - `c` partition → highest offset applied: the checkpoint.
+//! - `c` partition → highest offset applied: the checkpoint;
+//! - `f` partition → the settled position: every record below it is parked here (or was
+//!   removed after its send) or, if unreadable, dead-lettered. Taken before a flush and
+//!   written after it, so it never reaches disk ahead of the parks it covers.
 //!
 //! Offsets of `hookd.retry` obey DESIGN section 2: the position committed for a partition is
 //! the smallest source offset still parked (its work is unfinished), or one past the
-//! checkpoint when nothing is parked. After a restart with this store intact, records at or
-//! below the checkpoint are skipped (they are here already); with the store lost, the
-//! consumer replays from the committed position and parks them again.
+//! checkpoint when nothing is parked. After a restart with this store intact, the consumer
+//! is assigned the partition at the settled position (nothing below it is read again);
+//! records at or below the checkpoint are still skipped should they be read. With the store
+//! lost, the consumer replays from the committed position and parks them again.
 
 use std::path::Path;
 
@@ -81,6 +85,12 @@ fn ckpt_key(partition: i32) -> [u8; 5] {
     k
 }
 
+fn settled_key(partition: i32) -> [u8; 5] {
+    let mut k = ckpt_key(partition);
+    k[0] = b'f';
+    k
+}
+
 fn be_i64(v: &[u8]) -> i64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&v[..8]);
@@ -120,6 +130,21 @@ impl ParkStore {
     /// Highest offset of `partition` already applied to this store.
     pub fn checkpoint(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
         Ok(self.tree.get(ckpt_key(partition))?.map(|v| be_i64(&v)))
+    }
+
+    /// Records that every record of `partition` below `position` is parked or finished; never
+    /// moves backwards. Returns whether it moved (then a flush is due).
+    pub fn set_settled(&self, partition: i32, position: i64) -> Result<bool, sled::Error> {
+        if self.settled(partition)?.is_some_and(|s| s >= position) {
+            return Ok(false);
+        }
+        self.tree.insert(settled_key(partition), &(position.max(0) as u64).to_be_bytes())?;
+        Ok(true)
+    }
+
+    /// Where a consumer of `partition` may resume with this store intact (see `f` above).
+    pub fn settled(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
+        Ok(self.tree.get(settled_key(partition))?.map(|v| be_i64(&v)))
     }
 
     /// Up to `limit` parked deliveries due at `now_ms`, earliest first.
@@ -187,6 +212,7 @@ impl ParkStore {
             n += 1;
         }
         b.remove(&ckpt_key(partition));
+        b.remove(&settled_key(partition));
         self.tree.apply_batch(b)?;
         Ok(n)
     }
@@ -267,6 +293,28 @@ mod tests {
         assert!(s.is_empty());
         assert_eq!(s.next_due_ms().unwrap(), None);
         assert_eq!(s.checkpoint(3).unwrap(), None);
+    }
+
+    #[test]
+    fn settled_position_forward_only_survives_reopen_dropped_with_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = ParkStore::open(dir.path()).unwrap();
+            s.park(0, &[(4, rec(10))]).unwrap();
+            s.park(1, &[(9, rec(10))]).unwrap();
+            assert_eq!(s.settled(0).unwrap(), None, "parking alone settles nothing");
+            assert!(s.set_settled(0, 5).unwrap());
+            assert!(!s.set_settled(0, 3).unwrap(), "never backwards");
+            assert!(s.set_settled(1, 10).unwrap());
+            assert_eq!(s.tree.get([b'f', 0, 0, 0, 0]).unwrap().as_deref(), Some(&5u64.to_be_bytes()[..]), "`f` partition(u32 BE) -> u64 BE");
+            assert_eq!((s.len(), s.position(0).unwrap()), (2, Some(4)), "not a parked delivery, not the watermark");
+            s.db.flush().unwrap();
+        }
+        let (s, _) = ParkStore::open(dir.path()).unwrap();
+        assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(5), Some(10)));
+        s.drop_partition(1).unwrap();
+        assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(5), None));
+        assert_eq!(s.due(i64::MAX, 10).unwrap().len(), 1);
     }
 
     #[test]

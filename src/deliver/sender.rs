@@ -98,8 +98,8 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     .map_err(|e| Error::Http(e.to_string()))?;
     let log = Arc::new(RebalanceLog::default());
     let group = format!("{}.sender", config.kafka.group_id);
-    let consumer: TrackedConsumer =
-        crate::kafka::consumer_config(config, &group).create_with_context(TrackingContext(log.clone()))?;
+    let context = TrackingContext::new(log.clone()).resuming(retry_resume(&config.topics.retry, park.clone()));
+    let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &group).create_with_context(context)?;
     consumer.subscribe(&[&config.topics.deliveries, &config.topics.retry])?;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let hard_stop = CancellationToken::new();
@@ -129,6 +129,9 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
                 state.retry_partitions.insert(tp.1);
             }
         }
+        for r in log.resumed.lock().expect("rebalance log poisoned").drain(..) {
+            shared.metrics.resume_skipped.with_label_values(&["retry"]).inc_by((r.settled - r.committed) as u64);
+        }
         let can_read = state.tracker.pending() + state.in_flight_parked.len() < d.max_in_flight * 4;
         tokio::select! {
             biased;
@@ -156,6 +159,9 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
         state.finished(&ctx, &consumer, origin);
     }
     let _ = verifier.await;
+    let settled = state.settled(&ctx);
+    let _ = ctx.park.flush().await;
+    state.record_settled(&ctx, settled);
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
     crate::kafka::final_commit(&consumer, "sender");
@@ -206,25 +212,30 @@ impl LoopState {
         }
     }
 
-    /// Parks a retry record in sled (unless the checkpoint shows it is there already).
+    /// Parks a retry record in sled (unless the checkpoint shows it is there already). Every
+    /// retry record goes through the tracker, finished once parked (or dead-lettered), so the
+    /// tracker's position is the partition's settled position.
     fn park_one(&mut self, ctx: &Arc<Ctx>, tasks: &TaskTracker, source: SourceRef, payload: &[u8]) {
+        let tp: Tp = (source.topic.clone(), source.partition);
+        self.tracker.begin(&tp, source.offset);
         let applied = ctx.park.checkpoint(source.partition).ok().flatten();
         if applied.is_some_and(|c| source.offset <= c) {
+            self.tracker.finish(&tp, source.offset);
             return;
         }
         match DeliveryRecord::decode(payload) {
             Ok(record) => {
                 if let Err(error) = ctx.park.park(source.partition, &[(source.offset, record)]) {
+                    // Left pending: holds the settled and committed positions below it.
                     tracing::error!(%error, "Parking a retry failed; it will be read again after restart.");
                     return;
                 }
+                self.tracker.finish(&tp, source.offset);
                 self.unflushed = true;
                 self.retry_dirty.insert(source.partition);
                 ctx.shared.metrics.retry_queue_depth.inc();
             }
             Err(reason) => {
-                let tp: Tp = (source.topic.clone(), source.partition);
-                self.tracker.begin(&tp, source.offset);
                 let origin = Origin::Live(tp, source.offset);
                 spawn_dead_letter(ctx, tasks, payload.to_vec(), reason, source, None, origin);
             }
@@ -233,6 +244,11 @@ impl LoopState {
 
     fn finished(&mut self, ctx: &Ctx, consumer: &TrackedConsumer, origin: Origin) {
         match origin {
+            Origin::Live(tp, offset) if tp.0 == ctx.shared.config.topics.retry => {
+                // An unreadable retry record, dead-lettered: its position also waits for parks.
+                self.tracker.finish(&tp, offset);
+                self.retry_dirty.insert(tp.1);
+            }
             Origin::Live(tp, offset) => {
                 if let Some(pos) = self.tracker.finish(&tp, offset) {
                     store(consumer, &tp, pos);
@@ -252,8 +268,27 @@ impl LoopState {
         }
     }
 
+    /// Each retry partition's settled position: the tracker's (every record below it parked,
+    /// skipped as parked already, or dead-lettered). Taken before a flush of the parks it covers.
+    fn settled(&self, ctx: &Ctx) -> Vec<(i32, i64)> {
+        let topic = &ctx.shared.config.topics.retry;
+        self.tracker.positions().into_iter().filter(|((t, _), _)| t == topic).map(|((_, p), pos)| (p, pos)).collect()
+    }
+
+    /// Writes settled positions taken before the last successful flush; they reach disk with
+    /// the next one, never before the parks they cover.
+    fn record_settled(&mut self, ctx: &Ctx, settled: Vec<(i32, i64)>) {
+        for (partition, pos) in settled {
+            match ctx.park.set_settled(partition, pos) {
+                Ok(moved) => self.unflushed |= moved,
+                Err(error) => tracing::error!(%error, partition, "Recording the settled position failed."),
+            }
+        }
+    }
+
     /// Flushes sled, stores retry positions, and starts due parked deliveries.
     async fn on_tick(&mut self, ctx: &Arc<Ctx>, tasks: &TaskTracker, consumer: &TrackedConsumer) {
+        let settled = self.settled(ctx);
         if self.unflushed {
             if let Err(error) = ctx.park.flush().await {
                 tracing::error!(%error, "Retry store flush failed.");
@@ -261,6 +296,7 @@ impl LoopState {
             }
             self.unflushed = false;
         }
+        self.record_settled(ctx, settled);
         self.store_parked_positions(ctx, consumer);
         let due = match ctx.park.due(now_ms(), 1024) {
             Ok(d) => d,
@@ -277,11 +313,24 @@ impl LoopState {
     fn store_parked_positions(&mut self, ctx: &Ctx, consumer: &TrackedConsumer) {
         let topic = ctx.shared.config.topics.retry.clone();
         for partition in self.retry_dirty.drain() {
-            if let Ok(Some(pos)) = ctx.park.position(partition) {
-                store(consumer, &(topic.clone(), partition), pos);
+            let tp = (topic.clone(), partition);
+            let parked = ctx.park.position(partition).ok().flatten();
+            let pos = match (parked, self.tracker.position(&tp)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(pos) = pos {
+                store(consumer, &tp, pos);
             }
         }
     }
+}
+
+/// Where a newly assigned retry partition may resume: its settled position in the retry
+/// store. The committed offset stays at the oldest parked record, for a replay with sled lost.
+fn retry_resume(retry_topic: &str, park: ParkStore) -> crate::kafka::Resume {
+    let retry_topic = retry_topic.to_string();
+    Box::new(move |topic, partition| if topic == retry_topic { park.settled(partition).ok().flatten() } else { None })
 }
 
 fn store(consumer: &TrackedConsumer, tp: &Tp, position: i64) {

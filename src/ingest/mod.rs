@@ -8,7 +8,9 @@
 //! store, and every earlier record of the partition is finished too
 //! ([`offsets::OffsetTracker`]). For chat partitions the position is further held at the
 //! oldest open bundle's first offset. A crash therefore replays at most the unfinished tail,
-//! and replayed deliveries carry the same `webhook-id`.
+//! and replayed deliveries carry the same `webhook-id`. With the window store intact, a chat
+//! partition is assigned at its settled position instead of the committed offset
+//! ([`crate::kafka::TrackingContext`]), so the records of open bundles are not read again.
 //!
 //! Bad input never stops the stage: it becomes a dead letter with the reason. A render error
 //! for one subscription dead-letters that (event, subscription) pair only.
@@ -244,11 +246,20 @@ impl Ingest {
         }
     }
 
-    /// Flushes the window store, then stores the positions of chat partitions that moved:
-    /// the committed offset never relies on a window write that is not on disk.
+    /// Flushes the window store, then stores the positions of chat partitions that moved: the
+    /// committed offset never relies on a window write that is not on disk. The settled
+    /// positions (everything below finished) are taken before the flush and written after it,
+    /// so a settled position can only reach disk after every bundle part it covers.
     async fn flush_and_store(&mut self, consumer: &TrackedConsumer) {
+        let settled: Vec<(i32, i64)> =
+            self.tracker.positions().into_iter().filter(|((t, _), _)| t == self.chat.topic()).map(|((_, p), pos)| (p, pos)).collect();
         if let Err(error) = self.db.flush_async().await {
             return tracing::error!(%error, "Window store flush failed; positions not stored.");
+        }
+        for (partition, pos) in settled {
+            if let Err(error) = self.chat.store.set_settled(partition, pos) {
+                tracing::error!(%error, partition, "Recording the settled position failed.");
+            }
         }
         let topic = self.chat.topic().to_string();
         for partition in std::mem::take(&mut self.chat_dirty) {
@@ -275,13 +286,22 @@ impl Ingest {
     }
 }
 
+/// Where a newly assigned chat partition may resume: its settled position in the window
+/// store (every record below it finished: pass-through acknowledged, bundle part stored).
+/// The committed offset stays at the low-watermark, so with the store lost the partition
+/// replays from there and rebuilds its open bundles.
+fn chat_resume(chat_topic: &str, windows: WindowStore) -> crate::kafka::Resume {
+    let chat_topic = chat_topic.to_string();
+    Box::new(move |topic, partition| if topic == chat_topic { windows.settled(partition).ok().flatten() } else { None })
+}
+
 /// Runs ingest until `shutdown`; then lets in-flight records settle within the grace and
 /// commits what is finished. Open bundles stay in the window store for the next start.
 pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdown: CancellationToken) -> Result<(), Error> {
     let config = &shared.config;
     let log = Arc::new(crate::kafka::RebalanceLog::default());
-    let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &config.kafka.group_id)
-        .create_with_context(crate::kafka::TrackingContext(log.clone()))?;
+    let context = crate::kafka::TrackingContext::new(log.clone()).resuming(chat_resume(&config.topics.chat_messages, windows.clone()));
+    let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &config.kafka.group_id).create_with_context(context)?;
     consumer.subscribe(&[&config.topics.crm_events, &config.topics.chat_messages])?;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let chat = ChatStage::new(&shared, windows).map_err(|e| Error::Http(e.to_string()))?;
@@ -297,6 +317,9 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
             s.revoke(&tp);
         }
         log.assigned.lock().expect("rebalance log poisoned").clear();
+        for r in log.resumed.lock().expect("rebalance log poisoned").drain(..) {
+            shared.metrics.resume_skipped.with_label_values(&["chat"]).inc_by((r.settled - r.committed) as u64);
+        }
         let can_read = s.tracker.pending() < config.ingest.max_in_flight;
         tokio::select! {
             biased;
@@ -330,6 +353,9 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
         s.on_done(&consumer, done);
     }
     s.flush_and_store(&consumer).await;
+    if let Err(error) = s.db.flush_async().await {
+        tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
+    }
     crate::kafka::final_commit(&consumer, "ingest");
     Ok(())
 }

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub subscriptions: IntGauge,
     /// Times the state store was wiped because it could not be opened.
     pub state_wipes: IntCounter,
+    /// Records not read again after an assignment, by `source` (chat, retry): sled already
+    /// held them, so the partition resumed past its committed offset.
+    pub resume_skipped: IntCounterVec,
     /// Chat messages not delivered because they carry attachments.
     pub chat_skipped: IntCounterVec,
     /// Chat messages that arrived after their window was emitted (put in the next bundle).
@@ -118,6 +121,7 @@ impl Metrics {
             dlq_records: counter(&r, "hookd_dlq_records_total", "Records written to the dead-letter topic", &["stage"]),
             requests_in_flight: gauge(&r, "hookd_requests_in_flight", "Webhook requests in flight"),
             subscriptions: gauge(&r, "hookd_subscriptions", "Subscriptions known"),
+            resume_skipped: counter(&r, "hookd_resume_skipped_records_total", "Records not read again on assignment (sled held them)", &["source"]),
             chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
             registry: r,
         }

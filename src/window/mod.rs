@@ -18,10 +18,13 @@
 //! together with the partition's checkpoint (highest offset applied).
 //! [`store::WindowStore::position`] is the low-watermark: the smallest first offset of any
 //! bundle not yet removed, else one past the checkpoint. The consumer must flush sled before
-//! it commits a position, or a crash could leave Kafka ahead of what sled kept. On
-//! assignment it seeks to checkpoint + 1 when sled holds a checkpoint, else it replays from
-//! the committed offset; on revocation it calls [`store::WindowStore::drop_partition`] and
-//! the new owner rebuilds those bundles by replay. A bundle whose emission had begun when
+//! it commits a position, or a crash could leave Kafka ahead of what sled kept. Before each
+//! flush it also records the partition's settled position ([`store::WindowStore::set_settled`]:
+//! every offset below it finished, pass-through acknowledged and bundle part applied). On
+//! assignment it starts at that position when sled holds one and it is past the committed
+//! offset (not at checkpoint + 1: pass-through of messages below the checkpoint may be
+//! unacknowledged), else it replays from the committed offset; on revocation it calls
+//! [`store::WindowStore::drop_partition`] and the new owner rebuilds those bundles by replay. A bundle whose emission had begun when
 //! the process stopped is due again after a restart: a duplicate, never a loss.
 //!
 //! - [`clock`]: the wall clock, and a manual one for tests.

@@ -6,9 +6,11 @@
 //! for a chat partition is the smaller of the offset tracker's (pass-through in flight) and the
 //! store's low-watermark (the smallest first offset of any open bundle, DESIGN section 2), so
 //! the committed offset never passes a message whose bundle was not yet emitted and
-//! acknowledged. After a restart with the store intact, the aggregated part of messages at or
-//! below the store's checkpoint is skipped (it is in the store already); pass-through is done
-//! again (duplicates carry the same `webhook-id`). With the store lost, replay rebuilds it.
+//! acknowledged. After a restart with the store intact, the partition resumes at the store's
+//! settled position (see `ingest`); of the messages read again from there, the aggregated part
+//! of those at or below the store's checkpoint is skipped (it is in the store already) and
+//! pass-through is done again (duplicates carry the same `webhook-id`). With the store lost,
+//! replay from the committed low-watermark rebuilds it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

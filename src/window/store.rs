@@ -21,6 +21,11 @@
 //! - `w` partition first_offset K → (): the low-watermark index, one entry per partition a
 //!   bundle holds messages of (one, unless the topic was repartitioned);
 //! - `c` partition → highest offset applied: the checkpoint;
+//! - `f` partition → the settled position (finished below): every offset below it is finished (its
+//!   pass-through deliveries acknowledged, its bundle part applied here). Taken by the
+//!   consumer before a flush and written after it, so it never reaches disk ahead of the
+//!   bundle parts it vouches for; on assignment the consumer starts there instead of
+//!   re-reading from the committed low-watermark;
 //! - `e` sub chat → end of the last window emitted for the pair: the late marker. A message
 //!   whose window ends at or before it goes to the window starting at it, flagged late.
 //!   Markers are kept after `remove` and `drop_partition` (one small entry per pair);
@@ -131,7 +136,7 @@ impl WindowStore {
     /// Applies one poll batch atomically (one sled batch for the whole slice) and moves each
     /// partition's checkpoint to the highest offset applied. Returns where each message went
     /// (its bundle, and whether late), in the same order. Offsets at or below a partition's
-    /// checkpoint are already here: the consumer seeks past them.
+    /// checkpoint are already here: the consumer skips their bundle part.
     pub fn apply(&self, batch: &[Incoming<'_>]) -> Result<Vec<(BundleKey, bool)>, sled::Error> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -205,6 +210,23 @@ impl WindowStore {
 
     fn cached_checkpoints(&self) -> MutexGuard<'_, HashMap<i32, Option<i64>>> {
         self.checkpoints.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records that every offset of `partition` below `position` is finished; never moves
+    /// backwards. `position` must have been taken before a flush that completed, so the
+    /// bundle parts of those offsets are on disk before this entry can be.
+    pub fn set_settled(&self, partition: i32, position: i64) -> Result<(), sled::Error> {
+        let _write = self.lock();
+        if self.settled(partition)?.is_none_or(|s| s < position) {
+            self.tree.insert(settled_key(partition), &ord(position))?;
+        }
+        Ok(())
+    }
+
+    /// Where a consumer of `partition` may resume with this store intact: every offset below
+    /// it is finished. None when the store holds nothing of the partition (new, wiped, dropped).
+    pub fn settled(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
+        Ok(self.tree.get(settled_key(partition))?.map(|v| unord(&v)))
     }
 
     /// Keys of bundles not yet being emitted whose close time (end + grace) is at or before
@@ -299,8 +321,8 @@ impl WindowStore {
     }
 
     /// Forgets a partition revoked by a rebalance (the new owner rebuilds its bundles by
-    /// replay): its bundles, its messages in bundles shared with other partitions, and its
-    /// checkpoint. Returns the number of bundles deleted.
+    /// replay): its bundles, its messages in bundles shared with other partitions, its
+    /// checkpoint and its settled position. Returns the number of bundles deleted.
     pub fn drop_partition(&self, partition: i32) -> Result<usize, sled::Error> {
         let _write = self.lock();
         let prefix = [&[b'w'][..], &(partition as u32).to_be_bytes()].concat();
@@ -319,6 +341,7 @@ impl WindowStore {
             }
         }
         b.remove(&ckpt_key(partition));
+        b.remove(&settled_key(partition));
         self.count_bundles(&mut b, -deleted)?;
         self.tree.apply_batch(b)?;
         self.cached_checkpoints().insert(partition, None);
@@ -619,6 +642,12 @@ fn ckpt_key(partition: i32) -> [u8; 5] {
     k
 }
 
+fn settled_key(partition: i32) -> [u8; 5] {
+    let mut k = ckpt_key(partition);
+    k[0] = b'f';
+    k
+}
+
 fn corrupt(what: &str) -> sled::Error {
     sled::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("window store: unreadable {what}")))
 }
@@ -803,6 +832,33 @@ mod tests {
         assert_eq!((texts(&x), x.partition, x.first_offset, x.first_ts_ms), (vec!["x1"], 1, 9, 3));
         assert_eq!(s.drop_partition(1).unwrap(), 2);
         assert_eq!((s.open_bundles(), s.tree.len()), (0, 2), "only the late marker of `x` and the counter are left");
+    }
+
+    #[test]
+    fn settled_position_per_partition_forward_only_dropped_with_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let s = WindowStore::open(&db).unwrap();
+            s.apply(&[msg("s", "a", 0, 10, 0, b"a"), msg("s", "b", 1, 20, 0, b"b")]).unwrap();
+            assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (None, None), "apply alone settles nothing");
+            s.set_settled(0, 11).unwrap();
+            s.set_settled(1, 7).unwrap();
+            s.set_settled(1, 21).unwrap();
+            s.set_settled(1, 15).unwrap();
+            assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(11), Some(21)), "never backwards");
+            assert_eq!((s.checkpoint(0).unwrap(), s.position(0).unwrap()), (Some(10), Some(10)), "checkpoint and watermark untouched");
+            s.set_settled(2, 0).unwrap();
+            assert_eq!(s.settled(2).unwrap(), Some(0), "offset 0 is a position like any other");
+            assert_eq!(s.tree.get([b'f', 0, 0, 0, 1]).unwrap().as_deref(), Some(&ord(21)[..]), "`f` partition(u32 BE) -> ord(i64)");
+            db.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let s = WindowStore::open(&db).unwrap();
+        assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(11), Some(21)), "survives reopen");
+        s.drop_partition(1).unwrap();
+        assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(11), None), "a revoked partition replays from Kafka");
+        assert_eq!(s.due(i64::MAX, 10).unwrap(), [key("s", "a", 0)], "no `f` entry is mistaken for a bundle");
     }
 
     #[test]
