@@ -188,6 +188,10 @@ pub struct DeliveryConfig {
     pub retry_after_max_secs: u64,
     /// `User-Agent` of every request.
     pub user_agent: String,
+    /// How often the activity and request logs (and success times) buffered in memory are
+    /// written to sled in one batch. A graceful stop writes them too; `kill -9` loses at
+    /// most this much of the logs (never failure counts or parked retries).
+    pub log_flush_interval_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -204,6 +208,7 @@ impl Default for DeliveryConfig {
             verification_retry_secs: 300,
             retry_after_max_secs: 3600,
             user_agent: concat!("hookd/", env!("CARGO_PKG_VERSION")).into(),
+            log_flush_interval_ms: 1000,
         }
     }
 }

@@ -105,6 +105,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     let hard_stop = CancellationToken::new();
     let http = Arc::new(http);
     let verifier = tokio::spawn(super::lifecycle::verify_loop(shared.clone(), http.clone(), shutdown.clone()));
+    let log_flusher = tokio::spawn(super::lifecycle::flush_logs_loop(shared.clone(), shutdown.clone()));
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         http,
@@ -156,6 +157,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
         state.finished(&ctx, &consumer, origin);
     }
     let _ = verifier.await;
+    let _ = log_flusher.await;
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
     crate::kafka::final_commit(&consumer, "sender");
