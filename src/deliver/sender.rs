@@ -91,7 +91,9 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
             connect_timeout: Duration::from_millis(d.connect_timeout_ms),
             max_response_bytes: d.max_response_bytes,
             user_agent: d.user_agent.clone(),
-            pool_max_idle_per_host: d.per_subscription_concurrency,
+            // Many subscriptions may share one host (a receiver service, an iPaaS): keep as
+            // many idle connections as requests may be in flight, or connections churn.
+            pool_max_idle_per_host: d.max_in_flight,
         },
         super::ssrf::TargetPolicy::new(&d.allow_private_targets).map_err(Error::Http)?,
     )
