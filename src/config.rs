@@ -178,8 +178,14 @@ pub struct DeliveryConfig {
     pub max_in_flight: usize,
     /// Requests in flight to one subscription, so one slow endpoint can't take them all.
     pub per_subscription_concurrency: usize,
-    /// Deliveries queued for one subscription before more are deferred to the retry topic.
+    /// Deliveries queued for one subscription, waiting as long as it takes for their turn.
     pub per_subscription_queue: usize,
+    /// Further deliveries for one subscription that may queue beyond `per_subscription_queue`,
+    /// each waiting at most `per_subscription_overflow_wait_ms` for its turn; beyond both, or
+    /// after that wait, a delivery is deferred to the retry topic. Lets a fast endpoint absorb
+    /// a burst without deferrals while a slow one still holds only its queue for long.
+    pub per_subscription_overflow: usize,
+    pub per_subscription_overflow_wait_ms: u64,
     /// Requests per second to one subscription (a subscription's `rate_limit_per_sec` wins).
     pub per_subscription_rate_per_sec: u32,
     /// How often a failed verification handshake is tried again.
@@ -204,6 +210,8 @@ impl Default for DeliveryConfig {
             max_in_flight: 512,
             per_subscription_concurrency: 8,
             per_subscription_queue: 64,
+            per_subscription_overflow: 1024,
+            per_subscription_overflow_wait_ms: 1000,
             per_subscription_rate_per_sec: 100,
             verification_retry_secs: 300,
             retry_after_max_secs: 3600,
