@@ -48,6 +48,7 @@ pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.kafka.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", config.kafka.max_poll_interval_ms.to_string())
+        .set("fetch.wait.max.ms", config.kafka.fetch_wait_max_ms.to_string())
         .set("partition.assignment.strategy", "range,roundrobin");
     for (k, v) in &config.kafka.librdkafka {
         c.set(k, v);
