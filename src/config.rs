@@ -67,8 +67,16 @@ pub struct KafkaConfig {
     pub max_poll_interval_ms: u64,
     /// How often stored offsets are committed.
     pub commit_interval_ms: u64,
-    /// Producer batching delay: a little latency for much larger batches.
+    /// Producer batching delay (`linger.ms`): a little latency for larger batches. Under load
+    /// librdkafka batches anyway while earlier requests are in flight, so 1 ms keeps the
+    /// throughput and costs each of the two produce hops of a delivery at most 1 ms.
     pub linger_ms: u64,
+    /// Consumer `fetch.wait.max.ms`: how long the broker may hold a fetch when there is no
+    /// new data. librdkafka's default (500) is harmless on Apache Kafka, which answers as soon
+    /// as data arrives, but some brokers (tansu 0.6) hold every fetch about this long, data
+    /// or not, which puts up to twice this on each of a delivery's two consumer hops. Lower
+    /// values mean more empty fetches while idle (one per consumer per this interval).
+    pub fetch_wait_max_ms: u64,
     /// Producer compression (`none`, `lz4`, `zstd`, `snappy`, `gzip`).
     pub compression: String,
     /// Extra librdkafka properties for every client (TLS, SASL, ...), passed as given.
@@ -87,7 +95,8 @@ impl Default for KafkaConfig {
             session_timeout_ms: 10_000,
             max_poll_interval_ms: 30_000,
             commit_interval_ms: 1_000,
-            linger_ms: 5,
+            linger_ms: 1,
+            fetch_wait_max_ms: 10,
             compression: "lz4".into(),
             librdkafka: BTreeMap::new(),
         }
@@ -134,7 +143,7 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        Self { path: "data/hookd".into(), cache_mb: 128 }
+        Self { path: "data/hookd".into(), cache_mb: 64 }
     }
 }
 
@@ -182,8 +191,14 @@ pub struct DeliveryConfig {
     pub max_in_flight: usize,
     /// Requests in flight to one subscription, so one slow endpoint can't take them all.
     pub per_subscription_concurrency: usize,
-    /// Deliveries queued for one subscription before more are deferred to the retry topic.
+    /// Deliveries queued for one subscription, waiting as long as it takes for their turn.
     pub per_subscription_queue: usize,
+    /// Further deliveries for one subscription that may queue beyond `per_subscription_queue`,
+    /// each waiting at most `per_subscription_overflow_wait_ms` for its turn; beyond both, or
+    /// after that wait, a delivery is deferred to the retry topic. Lets a fast endpoint absorb
+    /// a burst without deferrals while a slow one still holds only its queue for long.
+    pub per_subscription_overflow: usize,
+    pub per_subscription_overflow_wait_ms: u64,
     /// Requests per second to one subscription (a subscription's `rate_limit_per_sec` wins).
     pub per_subscription_rate_per_sec: u32,
     /// How often a failed verification handshake is tried again.
@@ -192,6 +207,10 @@ pub struct DeliveryConfig {
     pub retry_after_max_secs: u64,
     /// `User-Agent` of every request.
     pub user_agent: String,
+    /// How often the activity and request logs (and success times) buffered in memory are
+    /// written to sled in one batch. A graceful stop writes them too; `kill -9` loses at
+    /// most this much of the logs (never failure counts or parked retries).
+    pub log_flush_interval_ms: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -204,10 +223,13 @@ impl Default for DeliveryConfig {
             max_in_flight: 512,
             per_subscription_concurrency: 8,
             per_subscription_queue: 64,
+            per_subscription_overflow: 1024,
+            per_subscription_overflow_wait_ms: 1000,
             per_subscription_rate_per_sec: 100,
             verification_retry_secs: 300,
             retry_after_max_secs: 3600,
             user_agent: concat!("hookd/", env!("CARGO_PKG_VERSION")).into(),
+            log_flush_interval_ms: 1000,
         }
     }
 }

@@ -48,6 +48,7 @@ pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.kafka.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", config.kafka.max_poll_interval_ms.to_string())
+        .set("fetch.wait.max.ms", config.kafka.fetch_wait_max_ms.to_string())
         .set("partition.assignment.strategy", "range,roundrobin")
         // Prefetched records held by librdkafka (its default is 64 MiB): 16 MiB is a good
         // half second of input at full speed, and the rest of the memory goes to open bundles.

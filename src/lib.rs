@@ -167,6 +167,9 @@ async fn supervise(shared: Arc<Shared>, park: ParkStore, stop: CancellationToken
         }
     }
     shared.producer.flush(std::time::Duration::from_secs(5)).ok();
+    if let Err(error) = shared.endpoints.flush_logs() {
+        tracing::error!(%error, "Writing the endpoint logs at shutdown failed.");
+    }
     park.flush().await?;
     tracing::info!("hookd stopped.");
     result

@@ -145,6 +145,26 @@ async fn notify(shared: &Shared, sub: &Subscription, kind: &str, last_error: &st
     }
 }
 
+/// Writes the buffered endpoint logs to sled every `delivery.log_flush_interval_ms` (off the
+/// async threads: one flush is a batch of up to 100 entries per busy subscription), and once
+/// more when `stop` fires, after the sender's requests have finished.
+pub async fn flush_logs_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.config.delivery.log_flush_interval_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let endpoints = shared.endpoints.clone();
+        match tokio::task::spawn_blocking(move || endpoints.flush_logs()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "Writing the endpoint logs failed; kept in memory for the next flush."),
+            Err(error) => tracing::error!(%error, "Endpoint log flush panicked."),
+        }
+    }
+}
+
 /// Performs one verification handshake: GET `url?validation_key=..&challenge_key=..`; the
 /// endpoint must answer 2xx with exactly the challenge.
 pub async fn handshake(http: &HttpSender, url: &str, key: &str) -> Result<(), String> {

@@ -38,7 +38,8 @@ struct SubState {
     concurrency: Semaphore,
     /// Requests per second to this endpoint.
     limiter: governor::DefaultDirectRateLimiter,
-    /// Deliveries dispatched and not finished; above `per_subscription_queue` new ones are deferred.
+    /// Deliveries dispatched and not finished; beyond `per_subscription_queue` new ones wait
+    /// a bounded time, beyond `per_subscription_overflow` more they are deferred.
     queued: AtomicUsize,
     /// (concurrency, rate) this state was built with; rebuilt when the subscription changes them.
     limits: (u32, u32),
@@ -91,7 +92,9 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
             connect_timeout: Duration::from_millis(d.connect_timeout_ms),
             max_response_bytes: d.max_response_bytes,
             user_agent: d.user_agent.clone(),
-            pool_max_idle_per_host: d.per_subscription_concurrency,
+            // Many subscriptions may share one host (a receiver service, an iPaaS): keep as
+            // many idle connections as requests may be in flight, or connections churn.
+            pool_max_idle_per_host: d.max_in_flight,
         },
         super::ssrf::TargetPolicy::new(&d.allow_private_targets).map_err(Error::Http)?,
     )
@@ -105,6 +108,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     let hard_stop = CancellationToken::new();
     let http = Arc::new(http);
     let verifier = tokio::spawn(super::lifecycle::verify_loop(shared.clone(), http.clone(), shutdown.clone()));
+    let log_flusher = tokio::spawn(super::lifecycle::flush_logs_loop(shared.clone(), shutdown.clone()));
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         http,
@@ -159,6 +163,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
         state.finished(&ctx, &consumer, origin);
     }
     let _ = verifier.await;
+    let _ = log_flusher.await;
     let settled = state.settled(&ctx);
     let _ = ctx.park.flush().await;
     state.record_settled(&ctx, settled);
@@ -365,21 +370,55 @@ fn dispatch(ctx: &Arc<Ctx>, tasks: &TaskTracker, record: DeliveryRecord, origin:
         return defer(ctx, tasks, record, origin, reason);
     }
     let state = ctx.sub_state(&sub);
-    if state.queued.load(Ordering::Relaxed) >= ctx.shared.config.delivery.per_subscription_queue {
+    let d = &ctx.shared.config.delivery;
+    let queued = state.queued.load(Ordering::Relaxed);
+    if queued >= d.per_subscription_queue + d.per_subscription_overflow {
         return defer(ctx, tasks, record, origin, "busy");
     }
+    // Beyond the queue, a delivery waits for its turn only a bounded time: a fast endpoint
+    // takes a burst, a slow one has the excess deferred instead of holding the read-ahead.
+    let wait = (queued >= d.per_subscription_queue).then(|| Duration::from_millis(d.per_subscription_overflow_wait_ms));
     state.queued.fetch_add(1, Ordering::Relaxed);
-    let ctx = ctx.clone();
-    tasks.spawn(async move {
-        let outcome = tokio::select! {
-            r = send_and_settle(&ctx, &sub, &state, record) => r,
-            _ = ctx.hard_stop.cancelled() => false,
+    let (ctx, tasks) = (ctx.clone(), tasks.clone());
+    tasks.clone().spawn(async move {
+        let turn = tokio::select! {
+            t = take_turn(&state, wait) => t,
+            _ = ctx.hard_stop.cancelled() => Turn::Stopped,
+        };
+        let outcome = match turn {
+            Turn::Stopped => false,
+            Turn::TimedOut => {
+                state.queued.fetch_sub(1, Ordering::Relaxed);
+                return defer(&ctx, &tasks, record, origin, "busy");
+            }
+            Turn::Go(_permit) => tokio::select! {
+                r = send_and_settle(&ctx, &sub, &state, record) => r,
+                _ = ctx.hard_stop.cancelled() => false,
+            },
         };
         state.queued.fetch_sub(1, Ordering::Relaxed);
         if outcome {
             let _ = ctx.done.send(origin);
         }
     });
+}
+
+enum Turn<'a> {
+    Go(tokio::sync::SemaphorePermit<'a>),
+    TimedOut,
+    Stopped,
+}
+
+/// Waits for one of the subscription's concurrency permits, at most `wait` if given.
+async fn take_turn(state: &SubState, wait: Option<Duration>) -> Turn<'_> {
+    let acquired = match wait {
+        None => state.concurrency.acquire().await,
+        Some(w) => match tokio::time::timeout(w, state.concurrency.acquire()).await {
+            Ok(p) => p,
+            Err(_) => return Turn::TimedOut,
+        },
+    };
+    acquired.map_or(Turn::Stopped, Turn::Go)
 }
 
 /// Defers a record: parked ones move later in the store, live ones go to the retry topic
@@ -410,10 +449,10 @@ fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin
     }
 }
 
-/// Sends one record and settles its outcome durably. Returns whether it is settled.
+/// Sends one record (the caller holds one of the subscription's concurrency permits) and
+/// settles its outcome durably. Returns whether it is settled.
 async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record: DeliveryRecord) -> bool {
     let s = &ctx.shared;
-    let Ok(_sub_permit) = state.concurrency.acquire().await else { return false };
     state.limiter.until_ready().await;
     let Ok(_permit) = ctx.global.acquire().await else { return false };
     let headers = request_headers(sub, &record);
@@ -483,4 +522,34 @@ fn request_headers(sub: &Subscription, record: &DeliveryRecord) -> Vec<(String, 
     h.extend(record.headers.iter().cloned());
     h.extend(sub.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(concurrency: usize) -> SubState {
+        let rate = std::num::NonZeroU32::new(100).unwrap();
+        SubState {
+            concurrency: Semaphore::new(concurrency),
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+            queued: AtomicUsize::new(0),
+            limits: (concurrency as u32, 100),
+        }
+    }
+
+    // Outcomes here do not depend on speed: the permit is held until dropped.
+    #[tokio::test]
+    async fn overflow_waits_a_bounded_time_and_the_queue_does_not() {
+        let s = state(1);
+        let Turn::Go(first) = take_turn(&s, None).await else { panic!("a free permit") };
+        let wait = Some(Duration::from_millis(20));
+        assert!(matches!(take_turn(&s, wait).await, Turn::TimedOut), "busy endpoint: the overflow gives up");
+        let queued = take_turn(&s, None);
+        tokio::pin!(queued);
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut queued).await.is_err(), "the queue waits as long as it takes");
+        drop(first);
+        assert!(matches!(queued.await, Turn::Go(_)));
+        assert!(matches!(take_turn(&s, wait).await, Turn::Go(_)), "a free permit at once");
+    }
 }

@@ -1,11 +1,13 @@
 //! The bounded logs of [`EndpointStore`]: activity, requests, failed deliveries kept for
-//! replay. Each insert and the removal of what falls beyond the bound are one sled batch;
-//! trimming reads only the first keys of the subscription's prefix, never the whole log.
+//! replay. Activity and requests go through the write-behind buffer (`buffer.rs`) and reach
+//! sled in one batch per flush; a failed delivery (kept for replay) is written at once, its
+//! insert and the removal of what falls beyond the bound in one batch. Trimming reads only
+//! the first keys of the subscription's prefix, never the whole log.
 
-use sled::{Batch, IVec, Tree};
+use sled::Batch;
 
 use super::redact::{redact_request, redact_text};
-use super::state::{clip, decode, sub_key, tagged};
+use super::state::{clip, tagged};
 use super::{Activity, EndpointStore, RequestLog};
 
 /// Actions kept per subscription (TimelinesAI shows the 10 latest).
@@ -17,60 +19,40 @@ pub const FAILED_KEPT: usize = 1000;
 
 impl EndpointStore {
     /// Adds an action to the activity log (detail's URLs redacted), keeping the 10 latest.
+    /// Buffered: written to sled by [`Self::flush_logs`].
     pub fn push_activity(&self, sub: &str, mut a: Activity) -> Result<(), sled::Error> {
         a.detail = a.detail.map(|d| clip(&redact_text(&d)));
-        self.push_bounded(&self.activity, sub, &a, ACTIVITY_KEPT)
+        self.activity_log.push(sub, a)
     }
 
     /// The activity log, newest first, at most 10.
     pub fn activity(&self, sub: &str) -> Result<Vec<Activity>, sled::Error> {
-        read_newest(&self.activity, sub, ACTIVITY_KEPT, "activity")
+        self.activity_log.newest(sub, ACTIVITY_KEPT)
     }
 
     /// Adds a request to the request log, redacted (headers both ways, URL, error), keeping
-    /// the 100 latest.
+    /// the 100 latest. Buffered: written to sled by [`Self::flush_logs`].
     pub fn push_request(&self, sub: &str, r: RequestLog) -> Result<(), sled::Error> {
-        self.push_bounded(&self.requests, sub, &redact_request(r), REQUESTS_KEPT)
+        self.request_log.push(sub, redact_request(r))
     }
 
     /// The request log, newest first, at most 100.
     pub fn requests(&self, sub: &str) -> Result<Vec<RequestLog>, sled::Error> {
-        read_newest(&self.requests, sub, REQUESTS_KEPT, "request log")
+        self.request_log.newest(sub, REQUESTS_KEPT)
     }
 
     /// The latest logged request of a delivery (any attempt), to replay it when its record
     /// is no longer among the failed deliveries.
     pub fn find_request_body(&self, sub: &str, delivery_id: &str) -> Result<Option<RequestLog>, sled::Error> {
-        for v in self.requests.scan_prefix(sub_key(sub)).values().rev() {
-            if let Some(r) = decode::<RequestLog>(&v?, "request log").filter(|r| r.delivery_id == delivery_id) {
-                return Ok(Some(r));
-            }
-        }
-        Ok(None)
+        self.request_log.find(sub, |r| (r.delivery_id == delivery_id).then(|| r.clone()))
     }
 
-    /// Appends under the next sequence number of `sub` and drops entries more than `bound`
-    /// behind it, in one batch.
-    fn push_bounded<T: serde::Serialize>(&self, tree: &Tree, sub: &str, value: &T, bound: usize) -> Result<(), sled::Error> {
-        let value = super::state::encode(value)?;
-        let prefix = sub_key(sub);
-        let _w = self.lock();
-        let next = match tree.scan_prefix(&prefix).keys().next_back() {
-            Some(k) => seq_of(&k?) + 1,
-            None => 0,
-        };
-        let mut b = Batch::default();
-        b.insert(seq_key(&prefix, next), value);
-        if let Some(last_dropped) = next.checked_sub(bound as u64) {
-            for k in tree.scan_prefix(&prefix).keys() {
-                let k = k?;
-                if seq_of(&k) > last_dropped {
-                    break;
-                }
-                b.remove(k);
-            }
-        }
-        tree.apply_batch(b)
+    /// Writes the buffered activity and request log entries and success times to sled, one
+    /// batch per tree. Returns the number of log entries written.
+    pub fn flush_logs(&self) -> Result<usize, sled::Error> {
+        let n = self.request_log.flush()? + self.activity_log.flush()?;
+        self.flush_successes()?;
+        Ok(n)
     }
 
     /// Keeps the record of a delivery that failed for good, for replay. A delivery id kept
@@ -146,25 +128,6 @@ impl EndpointStore {
     }
 }
 
-fn read_newest<T: serde::de::DeserializeOwned>(tree: &Tree, sub: &str, bound: usize, what: &str) -> Result<Vec<T>, sled::Error> {
-    let mut out = Vec::new();
-    for v in tree.scan_prefix(sub_key(sub)).values().rev().take(bound) {
-        out.extend(decode(&v?, what));
-    }
-    Ok(out)
-}
-
-fn seq_key(prefix: &[u8], seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(prefix.len() + 8);
-    k.extend_from_slice(prefix);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn seq_of(key: &IVec) -> u64 {
-    be_u64(&key[key.len() - 8..])
-}
-
 fn failed_key(sub: &str, at_ms: i64, delivery_id: &[u8]) -> Vec<u8> {
     let mut k = tagged(b'f', sub);
     k.extend_from_slice(&ord(at_ms));
@@ -195,6 +158,7 @@ fn unord(b: &[u8]) -> i64 {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use super::super::state::sub_key;
     use super::super::Action;
     use super::*;
 
@@ -237,7 +201,8 @@ pub(super) mod tests {
         s.push_activity("a", act(11)).unwrap();
         let times: Vec<i64> = s.activity("a").unwrap().iter().map(|a| a.at_ms).collect();
         assert_eq!(times, (2..=11).rev().collect::<Vec<_>>(), "the 11th drops the oldest");
-        assert_eq!(s.activity.scan_prefix(sub_key("a")).count(), 10, "trimmed in the store, not just on read");
+        s.flush_logs().unwrap();
+        assert_eq!(s.activity_log.tree().scan_prefix(sub_key("a")).count(), 10, "trimmed in the store, not just on read");
         s.push_activity("a", Activity { detail: Some("GET https://h.example/?token=t".into()), ..act(12) }).unwrap();
         assert_eq!(s.activity("a").unwrap()[0].detail.as_deref(), Some("GET https://h.example/?token=[redacted]"));
     }
@@ -251,7 +216,9 @@ pub(super) mod tests {
         let all = s.requests("a").unwrap();
         assert_eq!(all.len(), 100);
         assert_eq!((all[0].at_ms, all[99].at_ms), (100, 1), "newest first; the 101st dropped the oldest");
-        assert_eq!(s.requests.scan_prefix(sub_key("a")).count(), 100);
+        s.flush_logs().unwrap();
+        assert_eq!(s.request_log.tree().scan_prefix(sub_key("a")).count(), 100);
+        assert_eq!(s.requests("a").unwrap(), all, "the same read from sled");
         let r = &all[0];
         assert_eq!(r.url, "https://h.example/hook?token=[redacted]&x=1");
         let values: Vec<&str> = r.request_headers.iter().map(|(_, v)| v.as_str()).collect();

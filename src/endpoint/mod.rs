@@ -22,6 +22,7 @@
 //! Writes are serialised by a lock shared by all clones; open the store once per database
 //! and clone it.
 
+mod buffer;
 mod logs;
 pub mod redact;
 mod state;

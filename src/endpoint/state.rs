@@ -1,14 +1,17 @@
 //! The store and its per-subscription state: failure count, last error and success,
 //! verification. The logs are in `logs.rs`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::{Batch, Tree};
 
+use super::buffer::LogBuffer;
+use super::logs::{ACTIVITY_KEPT, REQUESTS_KEPT};
 use super::redact::redact_text;
-use super::{EndpointState, Verification};
+use super::{Activity, EndpointState, RequestLog, Verification};
 
 /// Longest error text kept in the state, in bytes (a receiver's error page can be large).
 const MAX_ERROR_BYTES: usize = 2048;
@@ -18,8 +21,8 @@ const MAX_ERROR_BYTES: usize = 2048;
 /// Key layout, `S` being the subscription id as u32 BE length then UTF-8 bytes:
 /// - tree `endpoint_state`: `S` → [`EndpointState`] JSON;
 /// - trees `activity` and `requests`: `S` seq(u64 BE) → [`super::Activity`] /
-///   [`super::RequestLog`] JSON. The sequence continues from the sub's last key (read under
-///   the write lock); an insert and the removal of entries beyond the bound are one batch;
+///   [`super::RequestLog`] JSON. Entries are buffered in memory and written by
+///   [`Self::flush_logs`] (see `buffer.rs`); the sequence continues from the sub's last key;
 /// - tree `failed`: `f` `S` time(i64 BE, sign flipped) delivery id → delivery record bytes,
 ///   ordered by time; `i` `S` delivery id → time, to take one by id; `n` `S` → how many
 ///   (u64 BE), for the bound.
@@ -28,11 +31,24 @@ const MAX_ERROR_BYTES: usize = 2048;
 #[derive(Clone)]
 pub struct EndpointStore {
     pub(super) state: Tree,
-    pub(super) activity: Tree,
-    pub(super) requests: Tree,
+    pub(super) activity_log: Arc<LogBuffer<Activity>>,
+    pub(super) request_log: Arc<LogBuffer<RequestLog>>,
     pub(super) failed: Tree,
-    /// Serialises read-modify-write: failure counts, sequences and bounds.
-    write: Arc<Mutex<()>>,
+    /// Serialises read-modify-write (failure counts, bounds) and holds the success times not
+    /// yet written.
+    write: Arc<Mutex<Behind>>,
+}
+
+/// What a success changes when the stored failure count is 0 already: only the time of the
+/// last success, which is observability. It is kept in memory and written by
+/// [`EndpointStore::flush_logs`] (or with the next state write), so a delivery costs no sled
+/// write for it. Anything that changes the failure count is written at once.
+#[derive(Default)]
+pub(super) struct Behind {
+    /// Latest success time per subscription, not yet in sled.
+    success_at: HashMap<String, i64>,
+    /// Subscriptions whose stored failure count is known to be 0.
+    zero: HashSet<String>,
 }
 
 impl EndpointStore {
@@ -40,28 +56,59 @@ impl EndpointStore {
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         Ok(Self {
             state: db.open_tree("endpoint_state")?,
-            activity: db.open_tree("activity")?,
-            requests: db.open_tree("requests")?,
+            activity_log: Arc::new(LogBuffer::new(db.open_tree("activity")?, ACTIVITY_KEPT, "activity")),
+            request_log: Arc::new(LogBuffer::new(db.open_tree("requests")?, REQUESTS_KEPT, "request log")),
             failed: db.open_tree("failed")?,
-            write: Arc::new(Mutex::new(())),
+            write: Arc::new(Mutex::new(Behind::default())),
         })
     }
 
-    pub(super) fn lock(&self) -> MutexGuard<'_, ()> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Behind> {
         self.write.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The endpoint's state; the default when nothing was recorded (or it is unreadable).
     pub fn state(&self, sub: &str) -> Result<EndpointState, sled::Error> {
+        let mut st = self.stored(sub)?;
+        if let Some(&at) = self.lock().success_at.get(sub) {
+            st.last_success_at_ms = st.last_success_at_ms.max(Some(at));
+        }
+        Ok(st)
+    }
+
+    pub(super) fn stored(&self, sub: &str) -> Result<EndpointState, sled::Error> {
         Ok(self.state.get(sub_key(sub))?.and_then(|v| decode(&v, "endpoint state")).unwrap_or_default())
     }
 
     fn update<R>(&self, sub: &str, f: impl FnOnce(&mut EndpointState) -> R) -> Result<R, sled::Error> {
-        let _w = self.lock();
-        let mut st = self.state(sub)?;
+        let mut w = self.lock();
+        let mut st = self.stored(sub)?;
+        if let Some(at) = w.success_at.remove(sub) {
+            st.last_success_at_ms = st.last_success_at_ms.max(Some(at));
+        }
         let r = f(&mut st);
         self.state.insert(sub_key(sub), encode(&st)?)?;
+        if st.consecutive_failures == 0 {
+            w.zero.insert(sub.to_owned());
+        } else {
+            w.zero.remove(sub);
+        }
         Ok(r)
+    }
+
+    /// Writes the success times kept in memory, one batch.
+    pub(super) fn flush_successes(&self) -> Result<(), sled::Error> {
+        let mut w = self.lock();
+        if w.success_at.is_empty() {
+            return Ok(());
+        }
+        let mut b = Batch::default();
+        for (sub, at) in w.success_at.drain() {
+            let mut st = self.stored(&sub)?;
+            st.last_success_at_ms = st.last_success_at_ms.max(Some(at));
+            b.insert(sub_key(&sub), encode(&st)?);
+        }
+        self.state.apply_batch(b)
     }
 
     /// A request succeeded now: the failure count goes back to 0.
@@ -70,7 +117,21 @@ impl EndpointStore {
     }
 
     /// [`Self::record_success`] at a given time. The last error is kept for the owner to see.
+    /// When the stored failure count is 0 already, only the time changes: it is kept in
+    /// memory until [`Self::flush_logs`].
     pub fn record_success_at(&self, sub: &str, at_ms: i64) -> Result<(), sled::Error> {
+        {
+            let mut w = self.lock();
+            if w.zero.contains(sub) {
+                match w.success_at.get_mut(sub) {
+                    Some(t) => *t = (*t).max(at_ms),
+                    None => {
+                        w.success_at.insert(sub.to_owned(), at_ms);
+                    }
+                }
+                return Ok(());
+            }
+        }
         self.update(sub, |st| {
             st.consecutive_failures = 0;
             st.last_success_at_ms = Some(at_ms);
@@ -102,11 +163,12 @@ impl EndpointStore {
 
     /// The subscription was deleted: drops its state, logs and failed deliveries.
     pub fn forget(&self, sub: &str) -> Result<(), sled::Error> {
-        let _w = self.lock();
+        let mut w = self.lock();
+        w.success_at.remove(sub);
+        w.zero.remove(sub);
         self.state.remove(sub_key(sub))?;
-        for tree in [&self.activity, &self.requests] {
-            remove_prefix(tree, &sub_key(sub))?;
-        }
+        self.activity_log.forget(sub, || remove_prefix(self.activity_log.tree(), &sub_key(sub)))?;
+        self.request_log.forget(sub, || remove_prefix(self.request_log.tree(), &sub_key(sub)))?;
         for tag in [b'f', b'i', b'n'] {
             remove_prefix(&self.failed, &tagged(tag, sub))?;
         }
@@ -213,6 +275,7 @@ mod tests {
             s.set_verification("a", v.clone()).unwrap();
             s.push_activity("a", Activity { at_ms: 1, action: Action::Failed, delivery_id: None, attempt: Some(1), detail: None }).unwrap();
             s.push_failed("a", "d1", 1, b"{}").unwrap();
+            s.flush_logs().unwrap();
             db.flush().unwrap();
         }
         let db = sled::open(dir.path()).unwrap();

@@ -142,6 +142,7 @@ fn quantile_ms(samples: &[u64], q: f64) -> f64 {
 /// Sends `n` events at `per_sec`, each stamped with [`now_us`] just before it is queued.
 fn paced(bootstrap: &str, topic: &str, n: usize, per_sec: usize) -> anyhow::Result<()> {
     let p = LoadProducer::new(bootstrap, 0)?;
+    p.warm(topic)?;
     let start = Instant::now();
     for i in 0..n {
         let due = start + Duration::from_secs_f64(i as f64 / per_sec as f64);
