@@ -75,7 +75,9 @@ pub struct KafkaConfig {
     /// new data. librdkafka's default (500) is harmless on Apache Kafka, which answers as soon
     /// as data arrives, but some brokers (tansu 0.6) hold every fetch about this long, data
     /// or not, which puts up to twice this on each of a delivery's two consumer hops. Lower
-    /// values mean more empty fetches while idle (one per consumer per this interval).
+    /// values mean more empty fetches while idle (one per consumer per this interval), and on
+    /// tansu 0.6 below 100 the broker fell behind under a sustained 1,000 events/s
+    /// (docs/PERFORMANCE.md), so 100 is the default.
     pub fetch_wait_max_ms: u64,
     /// Producer compression (`none`, `lz4`, `zstd`, `snappy`, `gzip`).
     pub compression: String,
@@ -96,7 +98,7 @@ impl Default for KafkaConfig {
             max_poll_interval_ms: 30_000,
             commit_interval_ms: 1_000,
             linger_ms: 1,
-            fetch_wait_max_ms: 10,
+            fetch_wait_max_ms: 100,
             compression: "lz4".into(),
             librdkafka: BTreeMap::new(),
         }

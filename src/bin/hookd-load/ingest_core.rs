@@ -73,7 +73,7 @@ pub fn run(opts: Opts) -> anyhow::Result<Vec<Row>> {
 }
 
 fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std::path::Path) -> anyhow::Result<Phases> {
-    let (park, _) = ParkStore::open(dir)?;
+    let (park, _) = ParkStore::open_with_cache(dir, config.state.cache_mb << 20)?;
     let store = WindowStore::open(park.db())?;
     let registry = Registry::new(&config.subscription);
     let (max_bytes, max_batch) = (config.ingest.max_record_bytes, config.chat.max_batch);
