@@ -39,7 +39,7 @@ pub struct ParkStore {
 
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, bool), sled::Error> {
     use std::io::ErrorKind;
-    let config = || sled::Config::new().path(dir).cache_capacity(cache_bytes);
+    let config = || sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput);
     for _ in 0..50 {
         match config().open() {
             Ok(db) => return Ok((db, false)),
