@@ -283,8 +283,7 @@ impl ShutdownConfig {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let config = Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
             other => other,
@@ -294,8 +293,7 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -324,7 +322,11 @@ impl Config {
         crate::deliver::ssrf::TargetPolicy::new(&self.delivery.allow_private_targets)
             .map_err(|e| invalid(format!("delivery.allow_private_targets: {e}")))?;
         let d = &self.delivery;
-        if d.max_in_flight == 0 || d.per_subscription_concurrency == 0 || d.per_subscription_queue == 0 || d.per_subscription_rate_per_sec == 0 {
+        if d.max_in_flight == 0
+            || d.per_subscription_concurrency == 0
+            || d.per_subscription_queue == 0
+            || d.per_subscription_rate_per_sec == 0
+        {
             return Err(invalid(
                 "delivery.max_in_flight, per_subscription_concurrency, per_subscription_queue and per_subscription_rate_per_sec must be at least 1".into(),
             ));
@@ -388,7 +390,8 @@ allow_private_targets = []
     fn cross_field_errors_are_clear() {
         let err = Config::parse("[delivery]\nallow_private_targets = [\"10.0.0.0/99\"]\n").unwrap_err().to_string();
         assert!(err.contains("allow_private_targets"), "{err}");
-        let dup = "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\n[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://y/\"\n";
+        let dup =
+            "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\n[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://y/\"\n";
         assert!(Config::parse(dup).unwrap_err().to_string().contains("twice"));
         let bad_dialect = "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\ndialect=\"nope\"\n";
         assert!(Config::parse(bad_dialect).unwrap_err().to_string().contains("nope"));

@@ -74,9 +74,7 @@ pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
     if topics.is_empty() {
         return Ok(());
     }
-    let opts = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(10)))
-        .request_timeout(Some(Duration::from_secs(15)));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
     for result in admin.create_topics(&topics, &opts).await? {
         match result {
             Ok(name) => tracing::info!(topic = %name, partitions = parts, "Topic created."),
@@ -278,7 +276,9 @@ impl rdkafka::consumer::ConsumerContext for TrackingContext {
         tpl: &mut rdkafka::TopicPartitionList,
     ) {
         use rdkafka::consumer::{Consumer, Rebalance, RebalanceProtocol};
-        use rdkafka::types::RDKafkaRespErr::{RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS as ASSIGN, RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS as REVOKE};
+        use rdkafka::types::RDKafkaRespErr::{
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS as ASSIGN, RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS as REVOKE,
+        };
         if err == ASSIGN {
             self.seek_past_settled(consumer, tpl);
         }

@@ -22,8 +22,8 @@
 pub mod admin;
 pub mod config;
 pub mod deliver;
-pub mod endpoint;
 pub mod demo;
+pub mod endpoint;
 pub mod ingest;
 pub mod kafka;
 pub mod render;

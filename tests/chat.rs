@@ -60,10 +60,17 @@ async fn bundles_close_by_the_clock_with_messages_in_time_order_and_escaped_summ
     let p = producer(&brokers);
     // Chat A: three messages, the second published last but timed first; chat B: one message.
     produce(&p, "chat.messages", "A", Some(&message("a1", "A", T0 + 300_000, "John Doe", "Hi! How are you? 👋"))).await;
-    produce(&p, "chat.messages", "A", Some(&message("a3", "A", T0 + 600_000, "Jane <b>\"Smith\"</b>", "<script>alert('x')</script> & more"))).await;
+    produce(
+        &p,
+        "chat.messages",
+        "A",
+        Some(&message("a3", "A", T0 + 600_000, "Jane <b>\"Smith\"</b>", "<script>alert('x')</script> & more")),
+    )
+    .await;
     produce(&p, "chat.messages", "A", Some(&message("a0", "A", T0, "John Doe", "Xin chào"))).await;
     produce(&p, "chat.messages", "B", Some(&message("b1", "B", T0 + 1_000, "Jane Smith", "hello"))).await;
-    let with_attachment = message("att", "A", T0 + 2_000, "John Doe", "photo").replace("\"attachments\":[]", "\"attachments\":[{\"url\":\"x\"}]");
+    let with_attachment =
+        message("att", "A", T0 + 2_000, "John Doe", "photo").replace("\"attachments\":[]", "\"attachments\":[{\"url\":\"x\"}]");
     produce(&p, "chat.messages", "A", Some(&with_attachment)).await;
 
     // Pass-through delivers each text message at once; the attachment is skipped.
@@ -148,7 +155,13 @@ async fn open_bundles_survive_a_graceful_restart_and_close_on_time() {
     let (daemon, stop) = start(&brokers, state.path(), &rx, clock.clone()).await;
     let p = producer(&brokers);
     for i in 0..20 {
-        produce(&p, "chat.messages", &format!("c{}", i % 5), Some(&message(&format!("m{i}"), &format!("c{}", i % 5), T0 + i * 1000, "John Doe", &format!("text {i}")))).await;
+        produce(
+            &p,
+            "chat.messages",
+            &format!("c{}", i % 5),
+            Some(&message(&format!("m{i}"), &format!("c{}", i % 5), T0 + i * 1000, "John Doe", &format!("text {i}"))),
+        )
+        .await;
     }
     let shared = daemon.shared.clone();
     wait_until(Duration::from_secs(30), "five open bundles", || {
@@ -192,7 +205,10 @@ async fn restart_with_open_bundles_reads_no_old_record_again() {
     let p = producer(&brokers);
     let send = |i: i64, chat: String| {
         let p = p.clone();
-        async move { produce(&p, "chat.messages", &chat, Some(&message(&format!("m{i}"), &chat, T0 + i * 1000, "John Doe", &format!("text {i}")))).await }
+        async move {
+            produce(&p, "chat.messages", &chat, Some(&message(&format!("m{i}"), &chat, T0 + i * 1000, "John Doe", &format!("text {i}"))))
+                .await
+        }
     };
     for i in 0..20 {
         send(i, format!("c{}", i % 5)).await;

@@ -12,14 +12,8 @@ async fn resolver_blocks_localhost_unless_allowed() {
     assert!(err.to_string().contains("loopback"), "{err}");
 
     let allowed = TargetPolicy::new(&["127.0.0.0/8".to_owned(), "::1/128".to_owned()]).unwrap();
-    let addrs = GuardedResolver::new(Arc::new(allowed))
-        .lookup("localhost")
-        .await
-        .unwrap();
-    assert!(
-        !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()),
-        "{addrs:?}"
-    );
+    let addrs = GuardedResolver::new(Arc::new(allowed)).lookup("localhost").await.unwrap();
+    assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
 }
 
 #[tokio::test]

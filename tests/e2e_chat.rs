@@ -54,7 +54,6 @@ url = "{url}"
     path
 }
 
-
 async fn publish(brokers: &str) {
     let p = producer(brokers);
     let now = chrono::Utc::now().timestamp_millis();

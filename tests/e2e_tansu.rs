@@ -50,7 +50,6 @@ dialect = "standard"
     path
 }
 
-
 /// Event number → set of webhook-ids seen for it, and the total number of requests.
 fn deliveries(rx: &Receiver) -> (HashMap<u64, HashSet<String>>, usize) {
     let reqs = rx.requests();

@@ -99,8 +99,18 @@ async fn verification_handshake_gates_delivery_until_the_endpoint_answers_the_ch
     assert_eq!(v["state"], "active");
     assert_eq!(v["verification"]["verified"], true);
     let m = daemon.shared.metrics.render();
-    assert!(m.contains("hookd_verifications_total{result=\"failed\"}") && m.contains("hookd_verifications_total{result=\"verified\"} 1"), "{m}");
-    let actions: Vec<String> = api.get("/api/subscriptions/doo/activity").await.as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap().to_string()).collect();
+    assert!(
+        m.contains("hookd_verifications_total{result=\"failed\"}") && m.contains("hookd_verifications_total{result=\"verified\"} 1"),
+        "{m}"
+    );
+    let actions: Vec<String> = api
+        .get("/api/subscriptions/doo/activity")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap().to_string())
+        .collect();
     assert!(actions.contains(&"verified".to_string()) && actions.contains(&"verification_failed".to_string()), "{actions:?}");
     stop.cancel();
     daemon.wait().await.unwrap();
@@ -184,7 +194,6 @@ async fn consecutive_failures_disable_the_endpoint_notify_the_owner_and_park_unt
     stop.cancel();
     daemon.wait().await.unwrap();
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_resends_failed_deliveries_and_the_api_checks_token_and_input() {

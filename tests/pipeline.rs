@@ -51,13 +51,24 @@ url = "{other}"
     let p = producer(&brokers);
     let contact = json!({"contact": {"name": "Tran", "lastname": "Thuan", "contactId": "PID-66"}});
     produce(&p, "crm.events", "1260", Some(&crm_event("e1", "1260", "contact.created", contact))).await;
-    produce(&p, "crm.events", "1260", Some(&crm_event("e2", "1260", "order.created", json!({"order": {"id": 2729898, "invoice_id": "SPIRAL"}})))).await;
+    produce(
+        &p,
+        "crm.events",
+        "1260",
+        Some(&crm_event("e2", "1260", "order.created", json!({"order": {"id": 2729898, "invoice_id": "SPIRAL"}}))),
+    )
+    .await;
     produce(&p, "crm.events", "1260", Some(&crm_event("e3", "1260", "task.created", json!({"task": {"taskId": 1}})))).await;
 
     let got = rx.wait_for(2, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // let any wrong extra delivery show up
     let all = rx.requests();
-    assert_eq!(all.len(), 2, "task.created matches nothing, tenant 999 gets nothing: {:?}", all.iter().map(|r| &r.path).collect::<Vec<_>>());
+    assert_eq!(
+        all.len(),
+        2,
+        "task.created matches nothing, tenant 999 gets nothing: {:?}",
+        all.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
     let ant = got.iter().find(|r| r.path == "/ant").expect("antcrm delivery");
     let b = body_json(ant);
     assert_eq!(b["eventCode"], "CONTACT_CREATE");
@@ -84,7 +95,11 @@ url = "{other}"
     assert_eq!(get("/readyz").await.0, 200);
     let (status, metrics) = get("/metrics").await;
     assert_eq!(status, 200);
-    for line in ["hookd_events_consumed_total{source=\"crm\"} 3", "hookd_deliveries_produced_total{source=\"crm\"} 2", "hookd_events_unmatched_total{source=\"crm\"} 1"] {
+    for line in [
+        "hookd_events_consumed_total{source=\"crm\"} 3",
+        "hookd_deliveries_produced_total{source=\"crm\"} 2",
+        "hookd_events_unmatched_total{source=\"crm\"} 1",
+    ] {
         assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
     }
     wait_until(Duration::from_secs(5), "success counted", || {
@@ -224,7 +239,13 @@ async fn subscriptions_topic_adds_changes_and_deletes_at_run_time() {
     produce(&p, "hookd.subscriptions", "broken", Some(r#"{"id":"broken","tenant":"t"}"#)).await;
     let (daemon, stop) = start_daemon(config(&brokers, state.path(), "")).await;
     assert!(daemon.shared.registry.index().get("dyn").is_some(), "materialised at start-up");
-    produce(&p, "crm.events", "t", Some(&crm_event("e1", "7", "contact.created", json!({"customer": {"id": 1}})).replace("\"7\"", "\"t\""))).await;
+    produce(
+        &p,
+        "crm.events",
+        "t",
+        Some(&crm_event("e1", "7", "contact.created", json!({"customer": {"id": 1}})).replace("\"7\"", "\"t\"")),
+    )
+    .await;
     let got = rx.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(body_json(&got[0])["event_type"], "customer_created");
     // Change the filter while running, then delete.

@@ -151,7 +151,10 @@ async fn requests(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Resul
     let activity = s.endpoints.activity(&id).map_err(internal)?;
     let requests = s.endpoints.requests(&id).map_err(internal)?;
     let body = crate::endpoint::export_json(&id, &state, &activity, &requests);
-    let disposition = format!("attachment; filename=\"hookd-{}-requests.json\"", id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_"));
+    let disposition = format!(
+        "attachment; filename=\"hookd-{}-requests.json\"",
+        id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_")
+    );
     Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response())
 }
 
@@ -254,7 +257,9 @@ fn one_for_replay(s: &Shared, sub: &Subscription, delivery_id: &str) -> Result<D
     let headers = log
         .request_headers
         .iter()
-        .filter(|(k, v)| !fixed.contains(&k.to_ascii_lowercase().as_str()) && !sub.headers.keys().any(|h| h.eq_ignore_ascii_case(k)) && v != "[redacted]")
+        .filter(|(k, v)| {
+            !fixed.contains(&k.to_ascii_lowercase().as_str()) && !sub.headers.keys().any(|h| h.eq_ignore_ascii_case(k)) && v != "[redacted]"
+        })
         .cloned()
         .collect();
     Ok(DeliveryRecord {

@@ -40,10 +40,7 @@ pub struct RetryAfterBounds {
 
 impl Default for RetryAfterBounds {
     fn default() -> Self {
-        Self {
-            min: Duration::from_secs(1),
-            max: Duration::from_secs(3600),
-        }
+        Self { min: Duration::from_secs(1), max: Duration::from_secs(3600) }
     }
 }
 
@@ -51,20 +48,10 @@ impl Default for RetryAfterBounds {
 ///
 /// `base` is the schedule's delay, `retry_after` the endpoint's parsed `Retry-After` if it
 /// sent one, `jitter` a uniform sample in `[0, 1)` from the caller's rng.
-pub fn retry_delay(
-    base: Duration,
-    retry_after: Option<Duration>,
-    jitter: f64,
-    bounds: RetryAfterBounds,
-) -> Duration {
-    let jitter = if jitter.is_nan() {
-        0.5
-    } else {
-        jitter.clamp(0.0, 1.0)
-    };
+pub fn retry_delay(base: Duration, retry_after: Option<Duration>, jitter: f64, bounds: RetryAfterBounds) -> Duration {
+    let jitter = if jitter.is_nan() { 0.5 } else { jitter.clamp(0.0, 1.0) };
     let factor = (1.0 - JITTER_SPREAD) + 2.0 * JITTER_SPREAD * jitter;
-    let jittered =
-        Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(Duration::MAX);
+    let jittered = Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(Duration::MAX);
     let honoured = retry_after.map_or(Duration::ZERO, |ra| ra.min(bounds.max));
     jittered.max(honoured).max(bounds.min)
 }
@@ -87,11 +74,7 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
         return None;
     }
     if value.bytes().all(|b| b.is_ascii_digit()) {
-        return Some(
-            value
-                .parse::<u64>()
-                .map_or(Duration::MAX, Duration::from_secs),
-        );
+        return Some(value.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
     }
     let at = parse_http_date(value)?;
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
@@ -103,20 +86,14 @@ fn parse_http_date(value: &str) -> Option<DateTime<Utc>> {
         return Some(at.with_timezone(&Utc));
     }
     const OBSOLETE: [&str; 2] = ["%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"];
-    OBSOLETE
-        .iter()
-        .find_map(|fmt| NaiveDateTime::parse_from_str(value, fmt).ok())
-        .map(|naive| naive.and_utc())
+    OBSOLETE.iter().find_map(|fmt| NaiveDateTime::parse_from_str(value, fmt).ok()).map(|naive| naive.and_utc())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const B: RetryAfterBounds = RetryAfterBounds {
-        min: Duration::from_secs(1),
-        max: Duration::from_secs(3600),
-    };
+    const B: RetryAfterBounds = RetryAfterBounds { min: Duration::from_secs(1), max: Duration::from_secs(3600) };
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
@@ -133,10 +110,7 @@ mod tests {
         assert_eq!(retry_delay(secs(100), None, 0.5, B), secs(100));
         assert_eq!(retry_delay(secs(100), None, 0.75, B), secs(110));
         let top = retry_delay(secs(100), None, 0.999_999, B);
-        assert!(
-            top < secs(120) && top > Duration::from_secs_f64(119.99),
-            "{top:?}"
-        );
+        assert!(top < secs(120) && top > Duration::from_secs_f64(119.99), "{top:?}");
     }
 
     #[test]
@@ -162,32 +136,17 @@ mod tests {
 
     #[test]
     fn retry_after_capped_at_max_but_schedule_is_not() {
-        assert_eq!(
-            retry_delay(secs(60), Some(secs(86_400)), 0.5, B),
-            secs(3600)
-        );
-        assert_eq!(
-            retry_delay(secs(60), Some(Duration::MAX), 0.5, B),
-            secs(3600)
-        );
-        assert_eq!(
-            retry_delay(secs(7200), Some(secs(86_400)), 0.5, B),
-            secs(7200)
-        );
+        assert_eq!(retry_delay(secs(60), Some(secs(86_400)), 0.5, B), secs(3600));
+        assert_eq!(retry_delay(secs(60), Some(Duration::MAX), 0.5, B), secs(3600));
+        assert_eq!(retry_delay(secs(7200), Some(secs(86_400)), 0.5, B), secs(7200));
         assert_eq!(retry_delay(secs(7200), None, 0.5, B), secs(7200));
     }
 
     #[test]
     fn never_below_min() {
         assert_eq!(retry_delay(Duration::ZERO, None, 0.0, B), secs(1));
-        assert_eq!(
-            retry_delay(Duration::ZERO, Some(Duration::ZERO), 0.9, B),
-            secs(1)
-        );
-        let b = RetryAfterBounds {
-            min: secs(5),
-            max: secs(10),
-        };
+        assert_eq!(retry_delay(Duration::ZERO, Some(Duration::ZERO), 0.9, B), secs(1));
+        let b = RetryAfterBounds { min: secs(5), max: secs(10) };
         assert_eq!(retry_delay(secs(2), Some(secs(3)), 0.5, b), secs(5));
     }
 
@@ -197,52 +156,31 @@ mod tests {
     }
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("1994-11-06T08:49:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("1994-11-06T08:49:00Z").unwrap().with_timezone(&Utc)
     }
 
     #[test]
     fn parses_delay_seconds() {
         assert_eq!(parse_retry_after("120", now()), Some(secs(120)));
         assert_eq!(parse_retry_after(" 0 ", now()), Some(Duration::ZERO));
-        assert_eq!(
-            parse_retry_after("99999999999999999999999", now()),
-            Some(Duration::MAX)
-        );
+        assert_eq!(parse_retry_after("99999999999999999999999", now()), Some(Duration::MAX));
     }
 
     #[test]
     fn parses_all_three_http_date_forms() {
-        for v in [
-            "Sun, 06 Nov 1994 08:49:37 GMT",
-            "Sunday, 06-Nov-94 08:49:37 GMT",
-            "Sun Nov  6 08:49:37 1994",
-        ] {
+        for v in ["Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT", "Sun Nov  6 08:49:37 1994"] {
             assert_eq!(parse_retry_after(v, now()), Some(secs(37)), "{v}");
         }
     }
 
     #[test]
     fn past_date_means_now() {
-        assert_eq!(
-            parse_retry_after("Sat, 05 Nov 1994 08:49:37 GMT", now()),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after("Sat, 05 Nov 1994 08:49:37 GMT", now()), Some(Duration::ZERO));
     }
 
     #[test]
     fn rejects_garbage() {
-        for v in [
-            "",
-            "  ",
-            "-5",
-            "1.5",
-            "soon",
-            "+30",
-            "Sun, 06 Nov 1994",
-            "12 h",
-        ] {
+        for v in ["", "  ", "-5", "1.5", "soon", "+30", "Sun, 06 Nov 1994", "12 h"] {
             assert_eq!(parse_retry_after(v, now()), None, "{v:?}");
         }
     }

@@ -98,10 +98,7 @@ impl DeliverError {
     /// every `Status`: the seeds treat any non-success answer as a failure to retry, and a
     /// dialect that wants to give up on some 4xx decides so itself.
     pub fn is_retriable(&self) -> bool {
-        !matches!(
-            self,
-            Self::InvalidUrl(_) | Self::InvalidRequest(_) | Self::Blocked(_) | Self::Client(_)
-        )
+        !matches!(self, Self::InvalidUrl(_) | Self::InvalidRequest(_) | Self::Blocked(_) | Self::Client(_))
     }
 
     /// Short stable name for metric labels and logs.
@@ -169,11 +166,7 @@ impl Attempt {
     }
 
     fn failed(error: DeliverError, started: Instant) -> Self {
-        Self {
-            error: Some(error),
-            duration: started.elapsed(),
-            ..Self::default()
-        }
+        Self { error: Some(error), duration: started.elapsed(), ..Self::default() }
     }
 }
 
@@ -192,9 +185,8 @@ impl HttpSender {
     /// Builds the client. Fails only on an invalid `user_agent` or TLS setup failure.
     pub fn new(cfg: HttpConfig, policy: TargetPolicy) -> Result<Self, DeliverError> {
         let policy = Arc::new(policy);
-        let user_agent = HeaderValue::from_str(&cfg.user_agent).map_err(|_| {
-            DeliverError::Client("user_agent is not a valid header value".to_owned())
-        })?;
+        let user_agent = HeaderValue::from_str(&cfg.user_agent)
+            .map_err(|_| DeliverError::Client("user_agent is not a valid header value".to_owned()))?;
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -205,30 +197,20 @@ impl HttpSender {
             .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
             .build()
             .map_err(|e| DeliverError::Client(error_chain(&e)))?;
-        Ok(Self {
-            client,
-            policy,
-            cfg,
-        })
+        Ok(Self { client, policy, cfg })
     }
 
     /// POSTs one webhook and reports the outcome; never fails, never panics.
     pub async fn post(&self, req: OutboundRequest<'_>) -> Attempt {
         let started = Instant::now();
-        let resp = match self
-            .send(Method::POST, req.url, req.headers, req.body)
-            .await
-        {
+        let resp = match self.send(Method::POST, req.url, req.headers, req.body).await {
             Ok(resp) => resp,
             Err(e) => return Attempt::failed(e, started),
         };
         let status = resp.status().as_u16();
         let response_headers = header_pairs(resp.headers());
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+        let retry_after =
+            resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, chrono::Utc::now()));
         let excerpt = read_excerpt(resp, self.cfg.max_response_bytes).await;
         if let Some(e) = &excerpt.error {
             tracing::debug!(error = %e, status, "Reading the response body failed.");
@@ -258,18 +240,9 @@ impl HttpSender {
     }
 
     /// Checks the target, builds and sends the request, returns the response head.
-    async fn send(
-        &self,
-        method: Method,
-        url: &str,
-        headers: &[(String, String)],
-        body: &[u8],
-    ) -> Result<Response, DeliverError> {
+    async fn send(&self, method: Method, url: &str, headers: &[(String, String)], body: &[u8]) -> Result<Response, DeliverError> {
         let url = self.check_target(url)?;
-        let mut request = self
-            .client
-            .request(method, url)
-            .headers(header_map(headers)?);
+        let mut request = self.client.request(method, url).headers(header_map(headers)?);
         if !body.is_empty() {
             request = request.body(body.to_vec());
         }
@@ -291,9 +264,7 @@ impl HttpSender {
         };
         match self.policy.refusal(ip) {
             None => Ok(url),
-            Some(why) => Err(DeliverError::Blocked(format!(
-                "target {ip} is a non-public address ({why}); allow it with {ALLOW_KEY}"
-            ))),
+            Some(why) => Err(DeliverError::Blocked(format!("target {ip} is a non-public address ({why}); allow it with {ALLOW_KEY}"))),
         }
     }
 }
@@ -302,9 +273,7 @@ impl HttpSender {
 fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, DeliverError> {
     let mut map = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        let invalid = |what: &str| {
-            DeliverError::InvalidRequest(format!("header {name:?} has an invalid {what}"))
-        };
+        let invalid = |what: &str| DeliverError::InvalidRequest(format!("header {name:?} has an invalid {what}"));
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid("name"))?;
         let value = HeaderValue::from_str(value).map_err(|_| invalid("value"))?;
         map.append(name, value);
@@ -313,15 +282,7 @@ fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, DeliverError> {
 }
 
 fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect()
+    headers.iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
 }
 
 /// The kept start of a response body.
@@ -356,11 +317,7 @@ async fn read_excerpt(mut resp: Response, max: usize) -> Excerpt {
             }
         }
     }
-    Excerpt {
-        text: lossy_prefix(&kept, max),
-        truncated,
-        error,
-    }
+    Excerpt { text: lossy_prefix(&kept, max), truncated, error }
 }
 
 /// Lossy UTF-8 of `bytes`, cut at a char boundary so it is at most `max` bytes long
@@ -417,11 +374,7 @@ mod tests {
     #[test]
     fn lossy_prefix_respects_the_byte_limit() {
         assert_eq!(lossy_prefix(b"hello", 10), "hello");
-        assert_eq!(
-            lossy_prefix("h\u{e9}llo".as_bytes(), 2),
-            "h",
-            "never splits a char"
-        );
+        assert_eq!(lossy_prefix("h\u{e9}llo".as_bytes(), 2), "h", "never splits a char");
         // Three invalid bytes become three 3-byte replacement chars; cut back to <= 4 bytes.
         assert_eq!(lossy_prefix(&[0xff, 0xff, 0xff], 4), "\u{fffd}");
     }

@@ -78,7 +78,14 @@ pub fn on_success(shared: &Shared, sub: &Subscription, record: &DeliveryRecord) 
 
 /// A request failed: count it, log it, and disable the subscription after more than
 /// `disable_after_failures` failures in a row.
-pub async fn on_failure(shared: &Shared, sub: &Subscription, record: &DeliveryRecord, error: &str, will_retry: bool, stop: &CancellationToken) {
+pub async fn on_failure(
+    shared: &Shared,
+    sub: &Subscription,
+    record: &DeliveryRecord,
+    error: &str,
+    will_retry: bool,
+    stop: &CancellationToken,
+) {
     let action = if will_retry { Action::Retried } else { Action::Failed };
     activity(shared, &sub.id, action, Some(record), Some(error.to_string()));
     let count = match shared.endpoints.record_failure(&sub.id, error, now_ms()) {
@@ -219,7 +226,9 @@ pub async fn verify_loop(shared: Arc<Shared>, http: Arc<HttpSender>, stop: Cance
                 activity(&shared, &sub.id, action, None, result.as_ref().err().cloned());
                 match result {
                     Ok(()) => tracing::info!(subscription = %sub.id, "Endpoint verified."),
-                    Err(e) => tracing::warn!(subscription = %sub.id, error = %e, "Endpoint verification failed; the subscription stays inactive."),
+                    Err(e) => {
+                        tracing::warn!(subscription = %sub.id, error = %e, "Endpoint verification failed; the subscription stays inactive.")
+                    }
                 }
                 busy.lock().expect("poisoned").remove(&sub.id);
             });

@@ -47,7 +47,9 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, bool), sled::Error
             Err(sled::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(100))
             }
-            Err(sled::Error::Io(e)) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::StorageFull) => {
+            Err(sled::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::StorageFull) =>
+            {
                 return Err(sled::Error::Io(e));
             }
             Err(error) => {
@@ -306,7 +308,11 @@ mod tests {
             assert!(s.set_settled(0, 5).unwrap());
             assert!(!s.set_settled(0, 3).unwrap(), "never backwards");
             assert!(s.set_settled(1, 10).unwrap());
-            assert_eq!(s.tree.get([b'f', 0, 0, 0, 0]).unwrap().as_deref(), Some(&5u64.to_be_bytes()[..]), "`f` partition(u32 BE) -> u64 BE");
+            assert_eq!(
+                s.tree.get([b'f', 0, 0, 0, 0]).unwrap().as_deref(),
+                Some(&5u64.to_be_bytes()[..]),
+                "`f` partition(u32 BE) -> u64 BE"
+            );
             assert_eq!((s.len(), s.position(0).unwrap()), (2, Some(4)), "not a parked delivery, not the watermark");
             s.db.flush().unwrap();
         }

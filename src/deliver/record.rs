@@ -77,7 +77,6 @@ mod b64 {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,9 @@ use super::park::{ParkStore, Parked};
 use super::record::DeliveryRecord;
 use super::signature;
 use crate::ingest::offsets::{OffsetTracker, Tp};
-use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, RebalanceLog, SourceRef, TrackedConsumer, TrackingContext};
+use crate::kafka::{
+    dead_letter, produce_until_acked, store_position, DeadLetter, RebalanceLog, SourceRef, TrackedConsumer, TrackingContext,
+};
 use crate::route::subscription::Subscription;
 use crate::{Error, Shared};
 
@@ -193,7 +195,11 @@ impl LoopState {
             self.retry_partitions.remove(&tp.1);
             self.retry_dirty.remove(&tp.1);
             match ctx.park.drop_partition(tp.1) {
-                Ok(n) => tracing::info!(partition = tp.1, parked = n, "Retry partition revoked; its parked deliveries are left to the new owner."),
+                Ok(n) => tracing::info!(
+                    partition = tp.1,
+                    parked = n,
+                    "Retry partition revoked; its parked deliveries are left to the new owner."
+                ),
                 Err(error) => tracing::error!(%error, "Dropping a revoked partition from the retry store failed."),
             }
             ctx.shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
@@ -342,7 +348,15 @@ fn store(consumer: &TrackedConsumer, tp: &Tp, position: i64) {
     store_position(consumer, &tp.0, tp.1, position);
 }
 
-fn spawn_dead_letter(ctx: &Arc<Ctx>, tasks: &TaskTracker, original: Vec<u8>, reason: String, source: SourceRef, sub: Option<String>, origin: Origin) {
+fn spawn_dead_letter(
+    ctx: &Arc<Ctx>,
+    tasks: &TaskTracker,
+    original: Vec<u8>,
+    reason: String,
+    source: SourceRef,
+    sub: Option<String>,
+    origin: Origin,
+) {
     let ctx = ctx.clone();
     tasks.spawn(async move {
         let letter = DeadLetter { original: &original, key: None, reason, stage: "deliver", source, subscription_id: sub.as_deref() };
@@ -362,7 +376,9 @@ fn dispatch(ctx: &Arc<Ctx>, tasks: &TaskTracker, record: DeliveryRecord, origin:
         let source = match &origin {
             Origin::Live(tp, o) => SourceRef { topic: tp.0.clone(), partition: tp.1, offset: *o },
             Origin::Parked(p) => SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: p.partition, offset: p.offset },
-            Origin::Release(partition, offset) => SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: *partition, offset: *offset },
+            Origin::Release(partition, offset) => {
+                SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: *partition, offset: *offset }
+            }
         };
         return spawn_dead_letter(ctx, tasks, record.encode(), reason, source, Some(record.subscription_id), origin);
     };
@@ -440,7 +456,9 @@ fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin
             tasks.spawn(async move {
                 let s = &ctx.shared;
                 let key = record.subscription_id.clone();
-                let sent = produce_until_acked(&s.producer, &s.config.topics.retry, Some(key.as_bytes()), &record.encode(), None, &ctx.hard_stop).await;
+                let sent =
+                    produce_until_acked(&s.producer, &s.config.topics.retry, Some(key.as_bytes()), &record.encode(), None, &ctx.hard_stop)
+                        .await;
                 if sent.is_ok() {
                     let _ = ctx.done.send(origin);
                 }
@@ -489,7 +507,8 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
         let delay = retry_delay(base, attempt.retry_after, rand::random::<f64>(), bounds);
         let next = record.next_attempt(now_ms() + delay.as_millis() as i64, error.clone());
         tracing::info!(subscription = %sub.id, webhook_id = %record.id, attempt = record.attempt, %error, retry_in_secs = delay.as_secs(), "Delivery failed; will retry.");
-        let sent = produce_until_acked(&s.producer, &s.config.topics.retry, Some(sub.id.as_bytes()), &next.encode(), None, &ctx.hard_stop).await;
+        let sent =
+            produce_until_acked(&s.producer, &s.config.topics.retry, Some(sub.id.as_bytes()), &next.encode(), None, &ctx.hard_stop).await;
         if sent.is_ok() {
             s.metrics.deliveries.with_label_values(&["retry"]).inc();
         }
@@ -503,7 +522,14 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
     if let Err(e) = s.endpoints.push_failed(&sub.id, &record.id, now_ms(), &encoded) {
         tracing::error!(error = %e, "Keeping the failed delivery for replay failed.");
     }
-    let letter = DeadLetter { original: &encoded, key: Some(sub.id.as_bytes()), reason, stage: "deliver", source: record.source.clone(), subscription_id: Some(&sub.id) };
+    let letter = DeadLetter {
+        original: &encoded,
+        key: Some(sub.id.as_bytes()),
+        reason,
+        stage: "deliver",
+        source: record.source.clone(),
+        subscription_id: Some(&sub.id),
+    };
     let sent = dead_letter(&s.producer, &s.config, &s.metrics, letter, &ctx.hard_stop).await;
     if sent.is_ok() {
         s.metrics.deliveries.with_label_values(&["exhausted"]).inc();

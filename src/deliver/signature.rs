@@ -40,9 +40,7 @@ pub enum SignatureError {
         reason: String,
     },
     /// The secret decodes to zero bytes, which would make every signature forgeable.
-    #[error(
-        "webhook secret is empty; expected `whsec_` followed by base64 of 24 to 64 random bytes"
-    )]
+    #[error("webhook secret is empty; expected `whsec_` followed by base64 of 24 to 64 random bytes")]
     Empty,
 }
 
@@ -54,11 +52,7 @@ pub enum SignatureError {
 pub fn decode_secret(s: &str) -> Result<Vec<u8>, SignatureError> {
     let s = s.trim();
     let encoded = s.strip_prefix(SECRET_PREFIX).unwrap_or(s);
-    let key = STANDARD
-        .decode(encoded)
-        .map_err(|e| SignatureError::NotBase64 {
-            reason: e.to_string(),
-        })?;
+    let key = STANDARD.decode(encoded).map_err(|e| SignatureError::NotBase64 { reason: e.to_string() })?;
     if key.is_empty() {
         return Err(SignatureError::Empty);
     }
@@ -88,18 +82,11 @@ pub fn validate_secrets(secrets: &str) -> Result<usize, String> {
 /// still present and well-formed (same wire shape for every subscription), but it proves
 /// nothing: any receiver can compute it. Configure a secret to get authenticity.
 pub fn sign(secrets: Option<&str>, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let keys: Vec<Vec<u8>> = secrets
-        .unwrap_or("")
-        .split_whitespace()
-        .filter_map(|s| decode_secret(s).ok())
-        .collect();
+    let keys: Vec<Vec<u8>> = secrets.unwrap_or("").split_whitespace().filter_map(|s| decode_secret(s).ok()).collect();
     if keys.is_empty() {
         return sign_one(&[], msg_id, timestamp, body);
     }
-    keys.iter()
-        .map(|key| sign_one(key, msg_id, timestamp, body))
-        .collect::<Vec<_>>()
-        .join(" ")
+    keys.iter().map(|key| sign_one(key, msg_id, timestamp, body)).collect::<Vec<_>>().join(" ")
 }
 
 /// One `v1,<base64 mac>` signature over `{id}.{timestamp}.{body}` with `key`.
@@ -145,15 +132,7 @@ mod tests {
         assert_ne!(sign(Some(SECRET), "msg_other", TIMESTAMP, BODY), base);
         assert_ne!(sign(Some(SECRET), MSG_ID, TIMESTAMP + 1, BODY), base);
         assert_ne!(sign(Some(SECRET), MSG_ID, TIMESTAMP, b"{}"), base);
-        assert_ne!(
-            sign(
-                Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-                MSG_ID,
-                TIMESTAMP,
-                BODY
-            ),
-            base
-        );
+        assert_ne!(sign(Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), MSG_ID, TIMESTAMP, BODY), base);
     }
 
     #[test]

@@ -65,10 +65,7 @@ const BLOCKED_V4: &[(Ipv4Net, &str)] = &[
 const BLOCKED_V6: &[(Ipv6Net, &str)] = &[
     (v6([0, 0, 0, 0, 0, 0, 0, 0], 128), "unspecified"),
     (v6([0, 0, 0, 0, 0, 0, 0, 1], 128), "loopback"),
-    (
-        v6([0, 0, 0, 0, 0, 0, 0, 0], 96),
-        "IPv4-compatible (deprecated)",
-    ),
+    (v6([0, 0, 0, 0, 0, 0, 0, 0], 96), "IPv4-compatible (deprecated)"),
     (v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), "local-use NAT64"),
     (v6([0x100, 0, 0, 0, 0, 0, 0, 0], 64), "discard-only"),
     (v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 32), "Teredo"),
@@ -78,10 +75,7 @@ const BLOCKED_V6: &[(Ipv6Net, &str)] = &[
     (v6([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20), "documentation"),
     (v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), "unique-local"),
     (v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), "link-local"),
-    (
-        v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10),
-        "site-local (deprecated)",
-    ),
+    (v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), "site-local (deprecated)"),
     (v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), "multicast"),
 ];
 
@@ -109,14 +103,8 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 /// is one. Ignores any allowlist; see [`TargetPolicy::permits`] for the decision.
 pub fn classify(ip: IpAddr) -> Option<&'static str> {
     match canonical(ip) {
-        IpAddr::V4(v4) => BLOCKED_V4
-            .iter()
-            .find(|(net, _)| net.contains(&v4))
-            .map(|(_, why)| *why),
-        IpAddr::V6(v6) => BLOCKED_V6
-            .iter()
-            .find(|(net, _)| net.contains(&v6))
-            .map(|(_, why)| *why),
+        IpAddr::V4(v4) => BLOCKED_V4.iter().find(|(net, _)| net.contains(&v4)).map(|(_, why)| *why),
+        IpAddr::V6(v6) => BLOCKED_V6.iter().find(|(net, _)| net.contains(&v6)).map(|(_, why)| *why),
     }
 }
 
@@ -132,10 +120,7 @@ impl TargetPolicy {
     /// Parses the allowlist. Each entry is a CIDR (`10.0.0.0/8`, `fd00::/8`) or a single
     /// address (taken as `/32` or `/128`). The error names the bad entry and the config key.
     pub fn new(allow: &[String]) -> Result<Self, String> {
-        let allow = allow
-            .iter()
-            .map(|entry| parse_cidr(entry))
-            .collect::<Result<_, _>>()?;
+        let allow = allow.iter().map(|entry| parse_cidr(entry)).collect::<Result<_, _>>()?;
         Ok(Self { allow })
     }
 
@@ -154,22 +139,17 @@ impl TargetPolicy {
     pub fn refusal(&self, ip: IpAddr) -> Option<&'static str> {
         let why = classify(ip)?;
         let canon = canonical(ip);
-        let allowed = self
-            .allow
-            .iter()
-            .any(|net| net.contains(&ip) || net.contains(&canon));
+        let allowed = self.allow.iter().any(|net| net.contains(&ip) || net.contains(&canon));
         (!allowed).then_some(why)
     }
 }
 
 fn parse_cidr(entry: &str) -> Result<IpNet, String> {
     let s = entry.trim();
-    let parsed = s
-        .parse::<IpNet>()
-        .or_else(|e| s.parse::<IpAddr>().map(IpNet::from).map_err(|_| e));
-    parsed.map(|net| net.trunc()).map_err(|e| {
-        format!("{ALLOW_KEY}: {entry:?} is not a CIDR or IP address ({e}); expected e.g. \"127.0.0.0/8\"")
-    })
+    let parsed = s.parse::<IpNet>().or_else(|e| s.parse::<IpAddr>().map(IpNet::from).map_err(|_| e));
+    parsed
+        .map(|net| net.trunc())
+        .map_err(|e| format!("{ALLOW_KEY}: {entry:?} is not a CIDR or IP address ({e}); expected e.g. \"127.0.0.0/8\""))
 }
 
 /// Why the guarded resolver produced no address. Found by `super::http` in the source chain
@@ -223,14 +203,8 @@ impl GuardedResolver {
     /// Resolves `host` and filters by the policy; the port of the results is 0 (reqwest
     /// sets the URL's port).
     pub async fn lookup(&self, host: &str) -> Result<Vec<SocketAddr>, ResolveError> {
-        let lookup_err = |reason: String| ResolveError::Lookup {
-            host: host.to_owned(),
-            reason,
-        };
-        let found: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
-            .await
-            .map_err(|e| lookup_err(e.to_string()))?
-            .collect();
+        let lookup_err = |reason: String| ResolveError::Lookup { host: host.to_owned(), reason };
+        let found: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await.map_err(|e| lookup_err(e.to_string()))?.collect();
         if found.is_empty() {
             return Err(lookup_err("no addresses".to_owned()));
         }
@@ -250,10 +224,7 @@ impl GuardedResolver {
             }
         }
         if kept.is_empty() {
-            return Err(ResolveError::Blocked {
-                host: host.to_owned(),
-                addrs: refused,
-            });
+            return Err(ResolveError::Blocked { host: host.to_owned(), addrs: refused });
         }
         Ok(kept)
     }
@@ -350,25 +321,15 @@ mod tests {
 
     #[test]
     fn allowlist_exempts_only_its_ranges() {
-        let allow = [
-            "127.0.0.0/8".to_owned(),
-            "fd00::/8".to_owned(),
-            "10.1.2.3".to_owned(),
-        ];
+        let allow = ["127.0.0.0/8".to_owned(), "fd00::/8".to_owned(), "10.1.2.3".to_owned()];
         let policy = TargetPolicy::new(&allow).unwrap();
         assert!(policy.permits(ip("127.0.0.1")));
         assert!(policy.permits(ip("127.9.9.9")));
-        assert!(
-            policy.permits(ip("::ffff:127.0.0.1")),
-            "mapped v4 follows the v4 allowlist"
-        );
+        assert!(policy.permits(ip("::ffff:127.0.0.1")), "mapped v4 follows the v4 allowlist");
         assert!(policy.permits(ip("fd00::5")));
         assert!(policy.permits(ip("10.1.2.3")));
         assert!(!policy.permits(ip("10.1.2.4")), "bare address is a /32");
-        assert!(
-            !policy.permits(ip("::1")),
-            "v6 loopback is not in 127.0.0.0/8"
-        );
+        assert!(!policy.permits(ip("::1")), "v6 loopback is not in 127.0.0.0/8");
         assert!(!policy.permits(ip("fc00::1")));
         assert!(!policy.permits(ip("169.254.169.254")));
         assert!(policy.permits(ip("8.8.8.8")));
@@ -383,8 +344,7 @@ mod tests {
 
     #[test]
     fn bad_allowlist_entry_is_named() {
-        let err =
-            TargetPolicy::new(&["127.0.0.0/8".to_owned(), "10.0.0.0/33".to_owned()]).unwrap_err();
+        let err = TargetPolicy::new(&["127.0.0.0/8".to_owned(), "10.0.0.0/33".to_owned()]).unwrap_err();
         assert!(err.contains("\"10.0.0.0/33\""), "{err}");
         assert!(err.contains(ALLOW_KEY), "{err}");
         assert!(TargetPolicy::new(&["localhost".to_owned()]).is_err());
@@ -394,13 +354,9 @@ mod tests {
     fn filter_keeps_permitted_and_names_refused() {
         let r = GuardedResolver::new(Arc::new(TargetPolicy::default()));
         let a = |s: &str| SocketAddr::new(ip(s), 0);
-        let kept = r
-            .filter("mixed.test", vec![a("10.0.0.1"), a("8.8.8.8")])
-            .unwrap();
+        let kept = r.filter("mixed.test", vec![a("10.0.0.1"), a("8.8.8.8")]).unwrap();
         assert_eq!(kept, vec![a("8.8.8.8")]);
-        let err = r
-            .filter("internal.test", vec![a("10.0.0.1"), a("::1")])
-            .unwrap_err();
+        let err = r.filter("internal.test", vec![a("10.0.0.1"), a("::1")]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "target internal.test resolves only to non-public addresses \

@@ -161,14 +161,24 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
     let state = tempfile::tempdir().context("creating a state directory")?;
     let text = demo_config(&brokers, receiver, listen, state.path());
     let config = Config::parse(&text)?;
-    for t in [&config.topics.crm_events, &config.topics.chat_messages, &config.topics.subscriptions, &config.topics.deliveries, &config.topics.retry, &config.topics.dlq, &config.topics.notifications] {
+    for t in [
+        &config.topics.crm_events,
+        &config.topics.chat_messages,
+        &config.topics.subscriptions,
+        &config.topics.deliveries,
+        &config.topics.retry,
+        &config.topics.dlq,
+        &config.topics.notifications,
+    ] {
         mock.create_topic(t, 3, 1).with_context(|| format!("creating topic {t}"))?;
     }
     println!("hookd demo: embedded Kafka-protocol broker (librdkafka mock cluster, in memory, keeps nothing) at {brokers}");
     println!("hookd demo: webhook receiver at http://{receiver}; state in {}", state.path().display());
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
     // A subscription added at run time through the compacted topic, in the standard dialect.
-    let standard = format!(r#"{{"id":"standard-1260","tenant":"1260","url":"http://{receiver}/standard","dialect":"standard","events":["*"],"secret":"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}}"#);
+    let standard = format!(
+        r#"{{"id":"standard-1260","tenant":"1260","url":"http://{receiver}/standard","dialect":"standard","events":["*"],"secret":"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}}"#
+    );
     produce(&producer, &config.topics.subscriptions, "standard-1260", &standard).await?;
 
     let daemon_stop = shutdown.child_token();

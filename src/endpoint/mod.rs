@@ -190,7 +190,8 @@ mod tests {
             last_success_at_ms: None,
             verification: Some(Verification { fingerprint: "abcd".into(), verified: true, at_ms: 0, error: None }),
         };
-        let activity = [Activity { at_ms: 1_614_183_929_000, action: Action::VerificationFailed, delivery_id: None, attempt: None, detail: None }];
+        let activity =
+            [Activity { at_ms: 1_614_183_929_000, action: Action::VerificationFailed, delivery_id: None, attempt: None, detail: None }];
         let request = RequestLog {
             at_ms: 1_614_183_929_123,
             delivery_id: "msg_1".into(),

@@ -241,7 +241,10 @@ mod tests {
     #[test]
     fn urls_in_error_text() {
         let e = "error sending request for url (https://h.example/cb?validation_key=v&x=1): connection refused";
-        assert_eq!(redact_text(e), "error sending request for url (https://h.example/cb?validation_key=[redacted]&x=1): connection refused");
+        assert_eq!(
+            redact_text(e),
+            "error sending request for url (https://h.example/cb?validation_key=[redacted]&x=1): connection refused"
+        );
         assert_eq!(
             redact_text("see HTTPS://u:p@h.example/a. And http://h.example/?token=t, too"),
             "see https://h.example/a. And http://h.example/?token=[redacted], too"

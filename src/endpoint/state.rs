@@ -253,11 +253,18 @@ mod tests {
     fn errors_are_redacted_and_clipped() {
         let (_dir, s) = open();
         s.record_failure("a", "error sending request for url (https://u:p@h.example/?token=t)", 1).unwrap();
-        assert_eq!(s.state("a").unwrap().last_error.as_deref(), Some("error sending request for url (https://h.example/?token=[redacted])"));
+        assert_eq!(
+            s.state("a").unwrap().last_error.as_deref(),
+            Some("error sending request for url (https://h.example/?token=[redacted])")
+        );
         s.record_failure("a", &"é".repeat(5000), 2).unwrap();
         assert!(s.state("a").unwrap().last_error.unwrap().len() <= MAX_ERROR_BYTES + 3);
-        let v =
-            Verification { fingerprint: "f".into(), verified: false, at_ms: 5, error: Some("GET https://h.example/?validation_key=k failed".into()) };
+        let v = Verification {
+            fingerprint: "f".into(),
+            verified: false,
+            at_ms: 5,
+            error: Some("GET https://h.example/?validation_key=k failed".into()),
+        };
         s.set_verification("a", v).unwrap();
         let st = s.state("a").unwrap();
         assert_eq!(st.verification.unwrap().error.as_deref(), Some("GET https://h.example/?validation_key=[redacted] failed"));
@@ -307,7 +314,9 @@ mod tests {
         }
         s.forget("a").unwrap();
         assert_eq!(s.state("a").unwrap(), EndpointState::default());
-        assert!(s.activity("a").unwrap().is_empty() && s.requests("a").unwrap().is_empty() && s.failed_since("a", i64::MIN).unwrap().is_empty());
+        assert!(
+            s.activity("a").unwrap().is_empty() && s.requests("a").unwrap().is_empty() && s.failed_since("a", i64::MIN).unwrap().is_empty()
+        );
         assert_eq!(s.take_failed("a", "d").unwrap(), None);
         assert_eq!(s.state("ab").unwrap().consecutive_failures, 1);
         assert_eq!((s.activity("ab").unwrap().len(), s.requests("ab").unwrap().len()), (1, 1));

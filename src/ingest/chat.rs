@@ -236,10 +236,7 @@ mod tests {
         assert_eq!(ChatMessage::decode(b"[]", 10).unwrap_err(), InputError::NotAnObject);
         assert_eq!(ChatMessage::decode(b"", 10).unwrap_err(), InputError::Empty);
         assert!(matches!(ChatMessage::decode(b"{", 10), Err(InputError::Malformed(_))));
-        assert_eq!(
-            ChatMessage::decode(SAMPLE.as_bytes(), 100).unwrap_err(),
-            InputError::TooLarge { size: SAMPLE.len(), limit: 100 }
-        );
+        assert_eq!(ChatMessage::decode(SAMPLE.as_bytes(), 100).unwrap_err(), InputError::TooLarge { size: SAMPLE.len(), limit: 100 });
         assert_eq!(wrong("text", "a string").to_string(), "field `text` must be a string");
     }
 }

@@ -134,10 +134,7 @@ pub fn parse_time(value: Option<&Value>, field: &'static str) -> Result<DateTime
     let wrong = InputError::WrongType { field, expected: "epoch milliseconds or an RFC 3339 time" };
     match value {
         None | Some(Value::Null) => Err(InputError::Missing(field)),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-            .ok_or(wrong),
+        Some(Value::Number(n)) => n.as_i64().and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or(wrong),
         Some(Value::String(s)) => fast_time(s)
             .map(Ok)
             .unwrap_or_else(|| DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)))
@@ -177,7 +174,11 @@ fn fast_time(s: &str) -> Option<DateTime<Utc>> {
             if minutes > 59 || secs >= 86_400 {
                 return None;
             }
-            if *sign == b'-' { -secs } else { secs }
+            if *sign == b'-' {
+                -secs
+            } else {
+                secs
+            }
         }
         _ => return None,
     };
@@ -294,9 +295,6 @@ mod tests {
             assert_eq!(&CrmEvent::decode(input, 1024).unwrap_err(), want, "{}", String::from_utf8_lossy(input));
         }
         assert!(matches!(CrmEvent::decode(b"{not json", 1024), Err(InputError::Malformed(_))));
-        assert_eq!(
-            CrmEvent::decode(SAMPLE.as_bytes(), 10).unwrap_err(),
-            InputError::TooLarge { size: SAMPLE.len(), limit: 10 }
-        );
+        assert_eq!(CrmEvent::decode(SAMPLE.as_bytes(), 10).unwrap_err(), InputError::TooLarge { size: SAMPLE.len(), limit: 10 });
     }
 }

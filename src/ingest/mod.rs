@@ -128,7 +128,8 @@ fn source_label(shared: &Shared, topic: &str) -> &'static str {
 /// Produces a record's deliveries and dead letters; true when all are acknowledged.
 async fn settle(shared: &Shared, work: &Work, stop: &CancellationToken) -> bool {
     let topic = &shared.config.topics.deliveries;
-    let sends = work.deliveries.iter().map(|(sub, bytes)| produce_until_acked(&shared.producer, topic, Some(sub.as_bytes()), bytes, None, stop));
+    let sends =
+        work.deliveries.iter().map(|(sub, bytes)| produce_until_acked(&shared.producer, topic, Some(sub.as_bytes()), bytes, None, stop));
     if futures::future::join_all(sends).await.iter().any(Result::is_err) {
         return false;
     }
@@ -187,7 +188,15 @@ impl Ingest {
         self.tasks.spawn(async move {
             let sent = match &e.record {
                 Ok(record) => {
-                    let r = produce_until_acked(&shared.producer, &shared.config.topics.deliveries, Some(e.sub_id.as_bytes()), record, None, &stop).await;
+                    let r = produce_until_acked(
+                        &shared.producer,
+                        &shared.config.topics.deliveries,
+                        Some(e.sub_id.as_bytes()),
+                        record,
+                        None,
+                        &stop,
+                    )
+                    .await;
                     if r.is_ok() {
                         shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
                     }
@@ -195,7 +204,14 @@ impl Ingest {
                 }
                 Err((reason, original)) => {
                     let source = SourceRef { topic, partition: e.partition, offset: e.first_offset };
-                    let letter = DeadLetter { original, key: Some(e.sub_id.as_bytes()), reason: reason.clone(), stage: "render", source, subscription_id: Some(&e.sub_id) };
+                    let letter = DeadLetter {
+                        original,
+                        key: Some(e.sub_id.as_bytes()),
+                        reason: reason.clone(),
+                        stage: "render",
+                        source,
+                        subscription_id: Some(&e.sub_id),
+                    };
                     dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, &stop).await
                 }
             };
@@ -306,7 +322,16 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let chat = ChatStage::new(&shared, windows).map_err(|e| Error::Http(e.to_string()))?;
     shared.metrics.open_bundles.set(chat.store.open_bundles() as i64);
-    let mut s = Ingest { shared: shared.clone(), tracker: OffsetTracker::default(), chat, tasks: TaskTracker::new(), done: done_tx, stop: CancellationToken::new(), db, chat_dirty: Default::default() };
+    let mut s = Ingest {
+        shared: shared.clone(),
+        tracker: OffsetTracker::default(),
+        chat,
+        tasks: TaskTracker::new(),
+        done: done_tx,
+        stop: CancellationToken::new(),
+        db,
+        chat_dirty: Default::default(),
+    };
     let mut batch_tick = tokio::time::interval(Duration::from_millis(config.chat.batch_interval_ms));
     let mut close_tick = tokio::time::interval(Duration::from_millis(config.chat.close_interval_ms));
     batch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -27,8 +27,7 @@ pub(super) enum Builtin {
 }
 
 impl Builtin {
-    pub(super) const ALL: [Builtin; 6] =
-        [Self::AntCrm, Self::BeeIq, Self::Teamcrop, Self::DooPage, Self::Standard, Self::Timelines];
+    pub(super) const ALL: [Builtin; 6] = [Self::AntCrm, Self::BeeIq, Self::Teamcrop, Self::DooPage, Self::Standard, Self::Timelines];
 
     pub(super) fn name(self) -> &'static str {
         match self {
@@ -84,18 +83,14 @@ impl Builtin {
 /// field, a key of `data` with the same name is dropped so the envelope field stays unique.
 fn antcrm_body(ev: &CrmEvent, event_code: &str) -> Value {
     let event_content = ev.changes.as_ref().map(event_content);
-    let tail = [
-        ("eventContent", event_content),
-        ("content", ev.content.clone().map(Value::String)),
-        ("link", ev.link.clone().map(Value::String)),
-    ];
+    let tail =
+        [("eventContent", event_content), ("content", ev.content.clone().map(Value::String)), ("link", ev.link.clone().map(Value::String))];
     let mut body = Map::new();
     body.insert("eventCode".into(), Value::String(event_code.to_string()));
     if let Some(actor) = &ev.actor {
         body.insert("createdBy".into(), actor.clone());
     }
-    let taken =
-        |key: &str| body_key_taken(key, ev.actor.is_some()) || tail.iter().any(|(name, v)| *name == key && v.is_some());
+    let taken = |key: &str| body_key_taken(key, ev.actor.is_some()) || tail.iter().any(|(name, v)| *name == key && v.is_some());
     for (key, value) in &ev.data {
         if !taken(key) {
             body.insert(key.clone(), value.clone());
@@ -139,8 +134,7 @@ fn doopage_body(ev: &CrmEvent, event_type: &str) -> Value {
 /// The tenant as a JSON number when it is a plain decimal that fits i64 (no sign, no
 /// leading zero, so the number reads back as the same tenant), else as a string.
 fn company_id(tenant: &str) -> Value {
-    let plain =
-        !tenant.is_empty() && tenant.bytes().all(|b| b.is_ascii_digit()) && (tenant == "0" || !tenant.starts_with('0'));
+    let plain = !tenant.is_empty() && tenant.bytes().all(|b| b.is_ascii_digit()) && (tenant == "0" || !tenant.starts_with('0'));
     match tenant.parse::<i64>() {
         Ok(n) if plain => Value::from(n),
         _ => Value::String(tenant.to_string()),
@@ -206,10 +200,7 @@ mod tests {
                "data":{"eventCode":"X","createdBy":"Y","note":{"n":1},"link":"kept","content":"dropped"}}"#,
         );
         let r = Builtin::BeeIq.render(Format::Json, &ev, "NOTE_CREATE".into()).unwrap();
-        assert_eq!(
-            body(&r),
-            r#"{"eventCode":"NOTE_CREATE","createdBy":{"id":"a"},"note":{"n":1},"link":"kept","content":"c"}"#
-        );
+        assert_eq!(body(&r), r#"{"eventCode":"NOTE_CREATE","createdBy":{"id":"a"},"note":{"n":1},"link":"kept","content":"c"}"#);
     }
 
     #[test]
@@ -230,14 +221,10 @@ mod tests {
 
     #[test]
     fn standard_uses_producer_name_and_rfc3339_millis() {
-        let ev = event(
-            r#"{"id":"e","tenant":"ws-1","type":"contact.created","occurred_at":1618118040123,"data":{"contact":{"b":1,"a":2}}}"#,
-        );
+        let ev =
+            event(r#"{"id":"e","tenant":"ws-1","type":"contact.created","occurred_at":1618118040123,"data":{"contact":{"b":1,"a":2}}}"#);
         let r = Builtin::Standard.render(Format::Json, &ev, "contact.created".into()).unwrap();
-        assert_eq!(
-            body(&r),
-            r#"{"type":"contact.created","timestamp":"2021-04-11T05:14:00.123Z","data":{"contact":{"b":1,"a":2}}}"#
-        );
+        assert_eq!(body(&r), r#"{"type":"contact.created","timestamp":"2021-04-11T05:14:00.123Z","data":{"contact":{"b":1,"a":2}}}"#);
     }
 
     #[test]
@@ -249,8 +236,7 @@ mod tests {
 
     #[test]
     fn teamcrop_takes_own_entity_or_only_key_else_errors() {
-        let ev =
-            event(r#"{"id":"e","tenant":"1","type":"contact.created","occurred_at":0,"data":{"customer":{"id":7}}}"#);
+        let ev = event(r#"{"id":"e","tenant":"1","type":"contact.created","occurred_at":0,"data":{"customer":{"id":7}}}"#);
         let r = Builtin::Teamcrop.render(Format::Json, &ev, "customer.add".into()).unwrap();
         assert_eq!(body(&r), r#"{"id":7}"#);
         let r = Builtin::Teamcrop.render(Format::Xml, &ev, "customer.add".into()).unwrap();
@@ -260,9 +246,6 @@ mod tests {
 
         let ev = event(r#"{"id":"e","tenant":"1","type":"order.created","occurred_at":0,"data":{"a":{},"b":{}}}"#);
         let err = Builtin::Teamcrop.render(Format::Json, &ev, "order.add".into()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "dialect `teamcrop` needs the `order` object in `data` of a `order.created` event, found keys [a, b]"
-        );
+        assert_eq!(err.to_string(), "dialect `teamcrop` needs the `order` object in `data` of a `order.created` event, found keys [a, b]");
     }
 }

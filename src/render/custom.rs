@@ -57,8 +57,7 @@ pub struct DialectConfig {
 }
 
 /// Headers hookd sets itself; a dialect may not template them.
-const RESERVED_HEADERS: [&str; 6] =
-    ["content-type", "content-length", "host", "webhook-id", "webhook-timestamp", "webhook-signature"];
+const RESERVED_HEADERS: [&str; 6] = ["content-type", "content-length", "host", "webhook-id", "webhook-timestamp", "webhook-signature"];
 
 /// Name of the body template in a dialect's environment.
 const BODY: &str = "body";
@@ -101,8 +100,7 @@ impl CustomDialect {
         let compile_error = |what: &str, e: minijinja::Error| RenderError::Template(describe(name, what, &e));
         env.add_template_owned(BODY, config.body.clone()).map_err(|e| compile_error("body", e))?;
         for (header, source) in &config.headers {
-            env.add_template_owned(header_template(header), source.clone())
-                .map_err(|e| compile_error(&format!("header `{header}`"), e))?;
+            env.add_template_owned(header_template(header), source.clone()).map_err(|e| compile_error(&format!("header `{header}`"), e))?;
         }
         let dialect = Self { name: name.to_string(), config: config.clone(), env };
         dialect.probe()?;
@@ -128,13 +126,12 @@ impl CustomDialect {
         let text = self.render_template(BODY, "body", &ctx)?;
         let body = match self.config.format {
             Format::Json => {
-                let value: Value = serde_json::from_str(&text)
-                    .map_err(|e| RenderError::TemplateNotJson(format!("dialect `{}`: {e}", self.name)))?;
+                let value: Value =
+                    serde_json::from_str(&text).map_err(|e| RenderError::TemplateNotJson(format!("dialect `{}`: {e}", self.name)))?;
                 json_bytes(&value)
             }
             Format::Xml => {
-                xml::check_well_formed(&text)
-                    .map_err(|e| RenderError::TemplateNotXml(format!("dialect `{}`: {e}", self.name)))?;
+                xml::check_well_formed(&text).map_err(|e| RenderError::TemplateNotXml(format!("dialect `{}`: {e}", self.name)))?;
                 text.into_bytes()
             }
         };
@@ -153,10 +150,7 @@ impl CustomDialect {
     }
 
     fn render_template(&self, template: &str, what: &str, ctx: &TValue) -> Result<String, RenderError> {
-        self.env
-            .get_template(template)
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| RenderError::Template(describe(&self.name, what, &e)))
+        self.env.get_template(template).and_then(|t| t.render(ctx)).map_err(|e| RenderError::Template(describe(&self.name, what, &e)))
     }
 
     /// Renders the templates once with a sample event so that names no data can fix
@@ -180,10 +174,7 @@ impl CustomDialect {
             let Err(e) = self.env.get_template(&template).and_then(|t| t.render(&ctx)) else { continue };
             if matches!(
                 e.kind(),
-                ErrorKind::UnknownFilter
-                    | ErrorKind::UnknownTest
-                    | ErrorKind::UnknownFunction
-                    | ErrorKind::TemplateNotFound
+                ErrorKind::UnknownFilter | ErrorKind::UnknownTest | ErrorKind::UnknownFunction | ErrorKind::TemplateNotFound
             ) {
                 return Err(RenderError::Template(describe(&self.name, &what, &e)));
             }
@@ -197,8 +188,7 @@ impl CustomDialect {
 /// undefined values). Optional fields are none, not undefined, and still give `null`.
 fn strict_tojson(value: &TValue, indent: Option<TValue>, args: Kwargs) -> Result<TValue, minijinja::Error> {
     if value.is_undefined() {
-        let why =
-            "tojson of an undefined value (misspelt name, or a key this event lacks? see `is defined`, `default`)";
+        let why = "tojson of an undefined value (misspelt name, or a key this event lacks? see `is defined`, `default`)";
         return Err(minijinja::Error::new(ErrorKind::UndefinedError, why));
     }
     minijinja::filters::tojson(value, indent, args)
@@ -301,8 +291,7 @@ X-Acme-Tenant = "t-{{ event.tenant }}"
     #[test]
     fn defaults_apply_and_names_pass_through() {
         let d = dialects("[dialect.plain]\nbody = '{{ event.data | tojson }}'\n").unwrap();
-        let ev =
-            event(r#"{"id":"e","tenant":"1","type":"x.done","occurred_at":0,"data":{"b":1,"a":[2,{"z":0,"y":1}]}}"#);
+        let ev = event(r#"{"id":"e","tenant":"1","type":"x.done","occurred_at":0,"data":{"b":1,"a":[2,{"z":0,"y":1}]}}"#);
         let r = d.render_crm("plain", Format::Json, &ev).unwrap();
         assert_eq!(r.body, br#"{"b":1,"a":[2,{"z":0,"y":1}]}"#, "keys keep the event's order");
         assert_eq!((r.event_name.as_str(), r.content_type.as_str()), ("x.done", "application/json"));
@@ -326,10 +315,7 @@ X-Acme-Tenant = "t-{{ event.tenant }}"
         let d = dialects("[dialect.x]\nbody = '{\"id\": {{ event.id }}}'\n").unwrap();
         let err = d.render_crm("x", Format::Json, &event(CONTACT)).unwrap_err();
         assert!(matches!(err, RenderError::TemplateNotJson(_)));
-        assert_eq!(
-            err.to_string(),
-            "template did not render valid JSON: dialect `x`: expected value at line 1 column 8"
-        );
+        assert_eq!(err.to_string(), "template did not render valid JSON: dialect `x`: expected value at line 1 column 8");
     }
 
     #[test]
@@ -343,18 +329,11 @@ X-Acme-Tenant = "t-{{ event.tenant }}"
     #[test]
     fn template_mistakes_surface() {
         let syntax = dialects("[dialect.x]\nbody = '{{ event.id '\n").unwrap_err();
-        assert!(
-            matches!(&syntax, RenderError::Template(m) if m.starts_with("dialect `x`, body: syntax error")),
-            "{syntax}"
-        );
+        assert!(matches!(&syntax, RenderError::Template(m) if m.starts_with("dialect `x`, body: syntax error")), "{syntax}");
         let filter = dialects("[dialect.x]\nbody = '{{ event.data | tojosn }}'\n").unwrap_err();
         assert!(filter.to_string().contains("unknown filter"), "{filter}");
-        let header =
-            dialects("[dialect.x]\nbody = '{}'\nheaders = { X-A = '{{ event_name | upcase }}' }\n").unwrap_err();
-        assert!(
-            header.to_string().starts_with("template error: dialect `x`, header `X-A`: unknown filter"),
-            "{header}"
-        );
+        let header = dialects("[dialect.x]\nbody = '{}'\nheaders = { X-A = '{{ event_name | upcase }}' }\n").unwrap_err();
+        assert!(header.to_string().starts_with("template error: dialect `x`, header `X-A`: unknown filter"), "{header}");
         for typo in ["{{ event.nope | tojson }}", "{{ event.dta }}", "{% if event.data.other %}1{% endif %}"] {
             let d = dialects(&format!("[dialect.x]\nbody = '{typo}'\n")).expect("data-dependent errors wait for data");
             let undefined = d.render_crm("x", Format::Json, &event(CONTACT)).unwrap_err();
@@ -376,8 +355,7 @@ X-Acme-Tenant = "t-{{ event.tenant }}"
         let err = dialects("[dialect.x]\nbody = '{}'\nheaders = { 'Bad Name' = 'v' }\n").unwrap_err();
         assert!(matches!(err, RenderError::InvalidDialect { .. }), "{err}");
         let d = dialects("[dialect.x]\nbody = '{}'\nheaders = { 'X-Content' = '{{ event.content }}' }\n").unwrap();
-        let ev =
-            event(r#"{"id":"e","tenant":"1","type":"a.b","occurred_at":0,"data":{},"content":"a\r\nInjected: 1"}"#);
+        let ev = event(r#"{"id":"e","tenant":"1","type":"a.b","occurred_at":0,"data":{},"content":"a\r\nInjected: 1"}"#);
         let err = d.render_crm("x", Format::Json, &ev).unwrap_err();
         assert!(err.to_string().contains("line break"), "{err}");
         let err = dialects("[dialect.x]\nbody = '{}'\nheaders = { content-type = 'text/plain' }\n").unwrap_err();
@@ -396,14 +374,9 @@ body = '<contact id="{{ event.id }}"><name>{{ entity.name }}</name>{{ "<raw/>" |
         let d = dialects(cfg).unwrap();
         assert!(d.check("crmx", Format::Xml).is_ok());
         assert!(matches!(d.check("crmx", Format::Json), Err(RenderError::FormatNotSupported { .. })));
-        let ev = event(
-            r#"{"id":"e\"1","tenant":"1","type":"contact.created","occurred_at":0,"data":{"contact":{"name":"A & <B>"}}}"#,
-        );
+        let ev = event(r#"{"id":"e\"1","tenant":"1","type":"contact.created","occurred_at":0,"data":{"contact":{"name":"A & <B>"}}}"#);
         let r = d.render_crm("crmx", Format::Xml, &ev).unwrap();
-        assert_eq!(
-            String::from_utf8(r.body).unwrap(),
-            r#"<contact id="e&quot;1"><name>A &amp; &lt;B&gt;</name><raw/></contact>"#
-        );
+        assert_eq!(String::from_utf8(r.body).unwrap(), r#"<contact id="e&quot;1"><name>A &amp; &lt;B&gt;</name><raw/></contact>"#);
         assert_eq!(r.content_type, "application/xml; charset=utf-8");
 
         let broken = dialects("[dialect.b]\nformat = 'xml'\nbody = '<a>{{ event.id }}</b>'\n").unwrap();

@@ -33,8 +33,7 @@ fn dialects() -> Dialects {
 
 /// An event of the `crm.events` shape, built as a producer would send it.
 fn event(tenant: &str, event_type: &str, data: Value, extra: Value) -> CrmEvent {
-    let mut record =
-        json!({"id": "evt_1", "tenant": tenant, "type": event_type, "occurred_at": 1618118040123_i64, "data": data});
+    let mut record = json!({"id": "evt_1", "tenant": tenant, "type": event_type, "occurred_at": 1618118040123_i64, "data": data});
     let fields = record.as_object_mut().unwrap();
     fields.extend(extra.as_object().cloned().unwrap_or_default());
     CrmEvent::from_value(fields.clone()).unwrap()
@@ -79,9 +78,7 @@ fn beeiq_deal_stage_change_carries_event_content() {
 
 #[test]
 fn beeiq_ticket_and_task_objects_are_spread_at_top_level() {
-    for (event_type, entity, code) in
-        [("ticket.created", "ticket", "TICKET_CREATE"), ("task.updated", "task", "TASK_CHANGE")]
-    {
+    for (event_type, entity, code) in [("ticket.created", "ticket", "TICKET_CREATE"), ("task.updated", "task", "TASK_CHANGE")] {
         let ev = event("1260", event_type, json!({ entity: beeiq_sample(entity) }), json!({}));
         let r = dialects().render_crm("beeiq", Format::Json, &ev).unwrap();
         assert_same_json(&r, &json!({"eventCode": code, entity: beeiq_sample(entity)}));
@@ -135,10 +132,7 @@ fn teamcrop_order_xml() {
     assert_eq!(r.content_type, "application/xml; charset=utf-8");
     assert_eq!(r.headers, vec![("Tc-Webhook-Event".to_string(), "order.add".to_string())]);
     let text = String::from_utf8(r.body.clone()).unwrap();
-    assert!(
-        text.starts_with(r#"<?xml version="1.0" encoding="UTF-8"?><order><company_id>1260</company_id>"#),
-        "{text}"
-    );
+    assert!(text.starts_with(r#"<?xml version="1.0" encoding="UTF-8"?><order><company_id>1260</company_id>"#), "{text}");
     let root = parse_xml(&r.body);
     assert_eq!(root.name, "order");
     let sample = parse(TEAMCROP_ORDER);
@@ -255,9 +249,7 @@ fn parse_xml(bytes: &[u8]) -> Node {
     loop {
         match reader.read_event_into(&mut buf).expect("well-formed XML") {
             Event::Start(e) => stack.push(Node { name: name(e.name().as_ref()), ..Node::default() }),
-            Event::Empty(e) => {
-                stack.last_mut().unwrap().children.push(Node { name: name(e.name().as_ref()), ..Node::default() })
-            }
+            Event::Empty(e) => stack.last_mut().unwrap().children.push(Node { name: name(e.name().as_ref()), ..Node::default() }),
             Event::End(_) => {
                 let done = stack.pop().unwrap();
                 stack.last_mut().expect("balanced").children.push(done);

@@ -288,9 +288,7 @@ mod tests {
 
     #[test]
     fn own_entity_is_prefix_or_only_key() {
-        let one = |data: &str| {
-            event(&format!(r#"{{"id":"e","tenant":"1","type":"order.created","occurred_at":0,"data":{data}}}"#))
-        };
+        let one = |data: &str| event(&format!(r#"{{"id":"e","tenant":"1","type":"order.created","occurred_at":0,"data":{data}}}"#));
         assert_eq!(own_entity_key(&one(r#"{"customer":{},"order":{}}"#)), Some("order"));
         assert_eq!(own_entity_key(&one(r#"{"deal":{}}"#)), Some("deal"));
         assert_eq!(own_entity_key(&one(r#"{"a":{},"b":{}}"#)), None);

@@ -83,7 +83,14 @@ pub fn message_bytes(m: &ChatMessage) -> Vec<u8> {
         text: &'a str,
     }
     let timestamp = wire_timestamp(&m.timestamp);
-    let message = Message { direction: &m.direction, timestamp: &timestamp, message_id: &m.id, sender: &m.sender, recipient: &m.recipient, text: &m.text };
+    let message = Message {
+        direction: &m.direction,
+        timestamp: &timestamp,
+        message_id: &m.id,
+        sender: &m.sender,
+        recipient: &m.recipient,
+        text: &m.text,
+    };
     let mut out = Vec::with_capacity(128 + m.text.len());
     serde_json::to_writer(&mut out, &message).expect("strings and JSON values always serialize");
     out
@@ -281,12 +288,7 @@ impl Summary {
         };
         let ctx = template_context(&[message_object(&sample)], &BundleHeader::from_message(&sample))?;
         match self.env.get_template(TEMPLATE).and_then(|t| t.render(ctx)) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::UnknownFilter | ErrorKind::UnknownTest | ErrorKind::UnknownFunction
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), ErrorKind::UnknownFilter | ErrorKind::UnknownTest | ErrorKind::UnknownFunction) => {
                 Err(template_error(&e))
             }
             _ => Ok(()),
@@ -322,15 +324,11 @@ fn template_context(messages: &[Value], header: &BundleHeader) -> Result<minijin
 fn message_context((index, message): (usize, &Value)) -> Result<minijinja::Value, RenderError> {
     let bad = || RenderError::Template(format!("timelines summary: message {index} is not a message object"));
     let mut m = message.as_object().cloned().ok_or_else(bad)?;
-    let time = m
-        .get("timestamp")
-        .and_then(Value::as_str)
-        .and_then(|t| DateTime::parse_from_str(t, TIMESTAMP_FORMAT).ok())
-        .ok_or_else(bad)?;
+    let time =
+        m.get("timestamp").and_then(Value::as_str).and_then(|t| DateTime::parse_from_str(t, TIMESTAMP_FORMAT).ok()).ok_or_else(bad)?;
     let sender = m.get("sender");
-    let name = ["full_name", "phone"]
-        .into_iter()
-        .find_map(|k| sender.and_then(|s| s.get(k)).and_then(Value::as_str).filter(|s| !s.is_empty()));
+    let name =
+        ["full_name", "phone"].into_iter().find_map(|k| sender.and_then(|s| s.get(k)).and_then(Value::as_str).filter(|s| !s.is_empty()));
     let name = name.unwrap_or_default().to_string();
     m.insert("time".into(), Value::String(time.with_timezone(&Utc).format(SUMMARY_TIME_FORMAT).to_string()));
     m.insert("sender_name".into(), Value::String(name));
@@ -517,10 +515,7 @@ mod tests {
         r["chat"]["url"] = json!("data:text/html,x");
         r.as_object_mut().unwrap().remove("permalink");
         let m = decode(r);
-        assert_eq!(
-            render(None, &BundleHeader::from_message(&m), &[message_object(&m)]),
-            "from John Doe on 2021-02-24 16:25: x"
-        );
+        assert_eq!(render(None, &BundleHeader::from_message(&m), &[message_object(&m)]), "from John Doe on 2021-02-24 16:25: x");
     }
 
     #[test]
@@ -561,8 +556,7 @@ mod tests {
         let syntax = err("{% for m in messages %}{{ m.text }}");
         assert!(syntax.starts_with("template error: timelines summary template: syntax error"), "{syntax}");
         assert!(err("{{ messages | shout }}").contains("unknown filter"));
-        let typo =
-            Summary::new(Some("{% for m in messages %}{{ m.txet }}{% endfor %}")).expect("data errors wait for data");
+        let typo = Summary::new(Some("{% for m in messages %}{{ m.txet }}{% endfor %}")).expect("data errors wait for data");
         let (header, messages) = conversation();
         let e = typo.render(&messages, &header).unwrap_err();
         assert!(matches!(e, RenderError::Template(_)) && e.to_string().contains("undefined value"), "{e}");

@@ -38,12 +38,10 @@ fn write_value(w: &mut Writer<Vec<u8>>, name: &str, value: &Value) -> io::Result
         Value::Null => element.write_empty().map(drop),
         Value::Object(map) if map.is_empty() => element.write_empty().map(drop),
         Value::Array(items) if items.is_empty() => element.write_empty().map(drop),
-        Value::Object(map) => element
-            .write_inner_content(|w| map.iter().try_for_each(|(k, v)| write_value(w, &element_name(k), v)))
-            .map(drop),
-        Value::Array(items) => {
-            element.write_inner_content(|w| items.iter().try_for_each(|v| write_value(w, "item", v))).map(drop)
+        Value::Object(map) => {
+            element.write_inner_content(|w| map.iter().try_for_each(|(k, v)| write_value(w, &element_name(k), v))).map(drop)
         }
+        Value::Array(items) => element.write_inner_content(|w| items.iter().try_for_each(|v| write_value(w, "item", v))).map(drop),
         Value::String(s) => element.write_text_content(BytesText::new(&xml_text(s))).map(drop),
         Value::Bool(_) | Value::Number(_) => element.write_text_content(BytesText::new(&value.to_string())).map(drop),
     }
@@ -79,8 +77,7 @@ fn is_name_char(c: char) -> bool {
 
 /// `s` with the characters XML 1.0 cannot carry replaced by U+FFFD.
 fn xml_text(s: &str) -> Cow<'_, str> {
-    let allowed =
-        |c: char| !matches!(c, '\0'..='\u{8}' | '\u{B}' | '\u{C}' | '\u{E}'..='\u{1F}' | '\u{FFFE}' | '\u{FFFF}');
+    let allowed = |c: char| !matches!(c, '\0'..='\u{8}' | '\u{B}' | '\u{C}' | '\u{E}'..='\u{1F}' | '\u{FFFE}' | '\u{FFFF}');
     if s.chars().all(allowed) {
         Cow::Borrowed(s)
     } else {
@@ -129,8 +126,7 @@ mod tests {
 
     #[test]
     fn maps_objects_arrays_nulls_and_scalars() {
-        let got =
-            doc("order", json!({"a": 1, "b": {"c": true}, "list": [1, "x", null], "none": null, "e": [], "o": {}}));
+        let got = doc("order", json!({"a": 1, "b": {"c": true}, "list": [1, "x", null], "none": null, "e": [], "o": {}}));
         let want = "<order><a>1</a><b><c>true</c></b><list><item>1</item><item>x</item><item/></list>\
                     <none/><e/><o/></order>";
         assert_eq!(got, format!("{DECL}{want}"));
@@ -145,10 +141,7 @@ mod tests {
 
     #[test]
     fn invalid_names_and_control_characters_do_not_break_the_document() {
-        let got = doc(
-            "1 root",
-            json!({"2fa": 1, "a b": 2, "x:y": 3, "": 4, "-k": 5, "ok.name-1": 6, "tên": 7, "bell": "\u{7}!"}),
-        );
+        let got = doc("1 root", json!({"2fa": 1, "a b": 2, "x:y": 3, "": 4, "-k": 5, "ok.name-1": 6, "tên": 7, "bell": "\u{7}!"}));
         let want = "<_1_root><_2fa>1</_2fa><a_b>2</a_b><x_y>3</x_y><_>4</_><_-k>5</_-k><ok.name-1>6</ok.name-1>\
                     <tên>7</tên><bell>\u{FFFD}!</bell></_1_root>";
         assert_eq!(got, format!("{DECL}{want}"));
@@ -159,13 +152,9 @@ mod tests {
     fn well_formedness_check() {
         assert!(check_well_formed("<a><b/>x &amp; y</a>").is_ok());
         assert!(check_well_formed("<?xml version=\"1.0\"?>\n<a/>\n").is_ok());
-        for (bad, why) in [
-            ("<a><b></a>", "at byte"),
-            ("<a>", "ends inside"),
-            ("<a/><b/>", "more than one root"),
-            ("x<a/>", "outside"),
-            ("", "no root"),
-        ] {
+        for (bad, why) in
+            [("<a><b></a>", "at byte"), ("<a>", "ends inside"), ("<a/><b/>", "more than one root"), ("x<a/>", "outside"), ("", "no root")]
+        {
             let err = check_well_formed(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }

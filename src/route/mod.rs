@@ -33,11 +33,7 @@ impl Index {
 
     /// Enabled subscriptions of `tenant` on `source` whose filters accept `event_type`.
     pub fn matching<'a>(&'a self, tenant: &str, source: Source, event_type: &'a str) -> impl Iterator<Item = &'a Arc<Subscription>> + 'a {
-        self.by_tenant
-            .get(&(tenant.to_string(), source))
-            .into_iter()
-            .flatten()
-            .filter(move |s| s.enabled && s.wants(event_type))
+        self.by_tenant.get(&(tenant.to_string(), source)).into_iter().flatten().filter(move |s| s.enabled && s.wants(event_type))
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<Subscription>> {
@@ -87,10 +83,8 @@ pub enum Change {
 
 impl Registry {
     pub fn new(static_subs: &[Subscription]) -> Self {
-        let mut state = RegistryState {
-            from_config: static_subs.iter().map(|s| (s.id.clone(), Arc::new(s.clone()))).collect(),
-            ..Default::default()
-        };
+        let mut state =
+            RegistryState { from_config: static_subs.iter().map(|s| (s.id.clone(), Arc::new(s.clone()))).collect(), ..Default::default() };
         state.rebuild();
         Self { inner: RwLock::new(state) }
     }

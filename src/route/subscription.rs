@@ -205,10 +205,8 @@ impl Subscription {
             )));
         }
         for (name, value) in &self.headers {
-            reqwest::header::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| ctx(format!("header name `{name}` is not valid")))?;
-            reqwest::header::HeaderValue::from_str(value)
-                .map_err(|_| ctx(format!("header `{name}` has a value that is not valid")))?;
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| ctx(format!("header name `{name}` is not valid")))?;
+            reqwest::header::HeaderValue::from_str(value).map_err(|_| ctx(format!("header `{name}` has a value that is not valid")))?;
         }
         if let Some(secret) = &self.secret {
             for s in secret.split_whitespace() {

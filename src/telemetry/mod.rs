@@ -5,9 +5,7 @@
 //! `hookd_` prefix, `_total` counters, `_seconds` histograms, small fixed label sets (never a
 //! tenant, subscription or URL as a label).
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Every metric hookd exports.
 #[derive(Clone)]
@@ -108,7 +106,13 @@ impl Metrics {
             events_unmatched: counter(&r, "hookd_events_unmatched_total", "Input records matching no subscription", &["source"]),
             deliveries: counter(&r, "hookd_deliveries_total", "Delivery attempts finished, by outcome", &["outcome"]),
             request_errors: counter(&r, "hookd_request_errors_total", "Failed webhook requests, by error kind", &["kind"]),
-            request_duration: histogram(&r, "hookd_request_duration_seconds", "Webhook HTTP request duration", &["outcome"], LATENCY_BUCKETS.to_vec()),
+            request_duration: histogram(
+                &r,
+                "hookd_request_duration_seconds",
+                "Webhook HTTP request duration",
+                &["outcome"],
+                LATENCY_BUCKETS.to_vec(),
+            ),
             delivery_latency: histogram(
                 &r,
                 "hookd_delivery_latency_seconds",
@@ -121,7 +125,12 @@ impl Metrics {
             dlq_records: counter(&r, "hookd_dlq_records_total", "Records written to the dead-letter topic", &["stage"]),
             requests_in_flight: gauge(&r, "hookd_requests_in_flight", "Webhook requests in flight"),
             subscriptions: gauge(&r, "hookd_subscriptions", "Subscriptions known"),
-            resume_skipped: counter(&r, "hookd_resume_skipped_records_total", "Records not read again on assignment (sled held them)", &["source"]),
+            resume_skipped: counter(
+                &r,
+                "hookd_resume_skipped_records_total",
+                "Records not read again on assignment (sled held them)",
+                &["source"],
+            ),
             chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
             registry: r,
         }

@@ -66,7 +66,10 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
         match sub.aggregation {
             Aggregation::None => {
                 let body = single.get_or_insert_with(|| timelines::single_payload(&m)).clone();
-                work.deliveries.push((sub.id.clone(), chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone())));
+                work.deliveries.push((
+                    sub.id.clone(),
+                    chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone()),
+                ));
             }
             Aggregation::Every(size) if applied.is_none_or(|c| work.offset > c) => {
                 let header = header.get_or_insert_with(|| Arc::<[u8]>::from(timelines::header_bytes(&m)));
@@ -249,7 +252,13 @@ impl ChatStage {
                         (format!("bundle render failed: {reason}"), original)
                     });
                     self.emitting.insert(key.clone());
-                    out.push(Emission { partition: bundle.partition, first_offset: bundle.first_offset, sub_id: key.sub_id.clone(), key, record });
+                    out.push(Emission {
+                        partition: bundle.partition,
+                        first_offset: bundle.first_offset,
+                        sub_id: key.sub_id.clone(),
+                        key,
+                        record,
+                    });
                 }
                 Ok(None) => {}
                 Err(error) => tracing::error!(%error, "Loading a due bundle failed."),

@@ -769,7 +769,11 @@ mod tests {
         let b = s.begin_emit(&first[0]).unwrap().unwrap();
         assert_eq!((texts(&b), b.late), (vec!["m1"], false));
         let placed = s
-            .apply(&[msg("s", "c", 0, 2, 20 * MIN, b"m2"), msg("s", "other", 0, 3, 20 * MIN, b"o"), msg("s", "c", 0, 4, H + 5 * MIN, b"m3")])
+            .apply(&[
+                msg("s", "c", 0, 2, 20 * MIN, b"m2"),
+                msg("s", "other", 0, 3, 20 * MIN, b"o"),
+                msg("s", "c", 0, 4, H + 5 * MIN, b"m3"),
+            ])
             .unwrap();
         assert_eq!(placed, [(key("s", "c", H), true), (key("s", "other", 0), false), (key("s", "c", H), false)]);
         assert_eq!(s.begin_emit(&first[0]).unwrap().unwrap(), b, "the emitted bundle did not change");
@@ -965,7 +969,8 @@ mod tests {
         let applying = std::thread::spawn(move || {
             for i in 0..200i64 {
                 let bodies: Vec<String> = (0..5).map(|j| (i * 5 + j).to_string()).collect();
-                let batch: Vec<_> = bodies.iter().enumerate().map(|(j, b)| msg("s", "c", 0, i * 5 + j as i64, j as i64, b.as_bytes())).collect();
+                let batch: Vec<_> =
+                    bodies.iter().enumerate().map(|(j, b)| msg("s", "c", 0, i * 5 + j as i64, j as i64, b.as_bytes())).collect();
                 writer.apply(&batch).unwrap();
             }
         });

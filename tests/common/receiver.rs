@@ -82,10 +82,7 @@ impl Recorded {
         let mut map = HeaderMap::new();
         for (k, v) in &self.headers {
             let name: axum::http::HeaderName = k.parse().expect("recorded header name");
-            map.insert(
-                name,
-                HeaderValue::from_str(v).expect("recorded header value"),
-            );
+            map.insert(name, HeaderValue::from_str(v).expect("recorded header value"));
         }
         map
     }
@@ -123,13 +120,8 @@ impl Receiver {
             count,
             stopping: watch::channel(false).0,
         });
-        let app = Router::new()
-            .fallback(handle)
-            .layer(DefaultBodyLimit::disable())
-            .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind receiver");
+        let app = Router::new().fallback(handle).layer(DefaultBodyLimit::disable()).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
         let addr = listener.local_addr().expect("receiver address");
         let mut stopping = shared.stopping.subscribe();
         let server = tokio::spawn(async move {
@@ -141,11 +133,7 @@ impl Receiver {
                 .await
                 .expect("receiver server");
         });
-        Self {
-            addr,
-            shared,
-            server: Some(server),
-        }
+        Self { addr, shared, server: Some(server) }
     }
 
     /// `http://127.0.0.1:<port><path>`; `path` should start with `/`.
@@ -176,15 +164,8 @@ impl Receiver {
         let mut rx = self.shared.count.subscribe();
         let reached = tokio::time::timeout(timeout, rx.wait_for(|count| *count >= n)).await;
         if reached.is_err() {
-            let seen: Vec<String> = self
-                .requests()
-                .iter()
-                .map(|r| format!("{} {}", r.method, r.path))
-                .collect();
-            panic!(
-                "receiver: expected at least {n} requests within {timeout:?}, got {}: {seen:?}",
-                seen.len()
-            );
+            let seen: Vec<String> = self.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+            panic!("receiver: expected at least {n} requests within {timeout:?}, got {}: {seen:?}", seen.len());
         }
         self.requests()
     }
@@ -227,9 +208,7 @@ async fn handle(
     let mut map: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in &headers {
         let value = String::from_utf8_lossy(value.as_bytes());
-        map.entry(name.as_str().to_owned())
-            .and_modify(|v| *v = format!("{v}, {value}"))
-            .or_insert_with(|| value.into_owned());
+        map.entry(name.as_str().to_owned()).and_modify(|v| *v = format!("{v}, {value}")).or_insert_with(|| value.into_owned());
     }
     let recorded = Recorded {
         method: method.to_string(),
@@ -258,13 +237,9 @@ async fn respond(mode: Mode, query: Option<&str>, mut stopping: watch::Receiver<
             let _ = stopping.wait_for(|stop| *stop).await;
             (StatusCode::SERVICE_UNAVAILABLE, "receiver stopped").into_response()
         }
-        Mode::RetryAfter(s, value) => {
-            (status(s), [("retry-after", value)], "retry later").into_response()
-        }
+        Mode::RetryAfter(s, value) => (status(s), [("retry-after", value)], "retry later").into_response(),
         Mode::Echo(param) => {
-            let found = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-                .find(|(k, _)| *k == param)
-                .map(|(_, v)| v.into_owned());
+            let found = url::form_urlencoded::parse(query.unwrap_or("").as_bytes()).find(|(k, _)| *k == param).map(|(_, v)| v.into_owned());
             match found {
                 Some(value) => (StatusCode::OK, value).into_response(),
                 None => (StatusCode::OK, "ok").into_response(),
@@ -274,8 +249,7 @@ async fn respond(mode: Mode, query: Option<&str>, mut stopping: watch::Receiver<
         Mode::Body(s, body) => (status(s), body).into_response(),
         Mode::Endless => {
             let chunk = Bytes::from(vec![b'x'; 1024]);
-            let stream =
-                futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+            let stream = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
             (StatusCode::OK, Body::from_stream(stream)).into_response()
         }
     }

@@ -104,10 +104,7 @@ impl Tansu {
     /// metadata request. Panics, with the broker's log, if it does not.
     pub fn start(storage: Storage) -> Tansu {
         let bin = find_binary();
-        let dir = tempfile::Builder::new()
-            .prefix("tansu-")
-            .tempdir()
-            .expect("create a temporary directory for tansu");
+        let dir = tempfile::Builder::new().prefix("tansu-").tempdir().expect("create a temporary directory for tansu");
         let storage = match storage {
             Storage::Sqlite(path) if path.is_relative() => Storage::Sqlite(dir.path().join(path)),
             other => other,
@@ -180,9 +177,7 @@ impl Tansu {
     fn log_tail(&self) -> String {
         let text = self.log();
         let skip = text.len().saturating_sub(8_000);
-        let start = (skip..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len());
+        let start = (skip..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
         text[start..].to_owned()
     }
 
@@ -195,11 +190,8 @@ impl Tansu {
     /// still be running and the error carries the log.
     fn launch(&mut self) -> Result<(), Launch> {
         let log_path = self.log_path();
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", log_path.display()));
+        let log =
+            OpenOptions::new().create(true).append(true).open(&log_path).unwrap_or_else(|e| panic!("open {}: {e}", log_path.display()));
         let stderr = log.try_clone().expect("clone the log file handle");
         let (workdir, url) = match &self.storage {
             Storage::Memory => (self.dir.path().to_path_buf(), "memory://tansu/".to_owned()),
@@ -207,9 +199,7 @@ impl Tansu {
                 let name = path
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .unwrap_or_else(|| {
-                        panic!("sqlite path {} has no UTF-8 file name", path.display())
-                    });
+                    .unwrap_or_else(|| panic!("sqlite path {} has no UTF-8 file name", path.display()));
                 let parent = path.parent().expect("an absolute path has a parent");
                 (parent.to_path_buf(), format!("sqlite://{name}"))
             }
@@ -224,10 +214,7 @@ impl Tansu {
             .args(["--cluster-id", "hookd-test"])
             .current_dir(&workdir)
             // Its own log level; `TANSU_LOG=debug` to see every request.
-            .env(
-                "RUST_LOG",
-                std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
@@ -246,11 +233,7 @@ impl Tansu {
         let deadline = Instant::now() + READY_TIMEOUT;
         let addr: SocketAddr = self.bootstrap.parse().expect("bootstrap is an address");
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 return Err(Launch::Exited(format!(
                     "tansu exited with {status} before it was ready; log {}:\n{}",
                     self.log_path().display(),
@@ -319,10 +302,7 @@ enum Launch {
 /// accepted as is (its partition count is not changed). Panics on any other
 /// error.
 pub fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
-    let specs: Vec<TopicSpec<'_>> = topics
-        .iter()
-        .map(|&(name, partitions)| (name, partitions, &[][..]))
-        .collect();
+    let specs: Vec<TopicSpec<'_>> = topics.iter().map(|&(name, partitions)| (name, partitions, &[][..])).collect();
     create_topics_with_config(bootstrap, &specs);
 }
 
@@ -332,17 +312,12 @@ pub type TopicSpec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
 
 /// Like [`create_topics`], with per-topic configs.
 pub fn create_topics_with_config(bootstrap: &str, topics: &[TopicSpec<'_>]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("create a Kafka admin client");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("create a Kafka admin client");
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|&(name, partitions, config)| {
-            config.iter().fold(
-                NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
-                |topic, &(key, value)| topic.set(key, value),
-            )
+            config.iter().fold(NewTopic::new(name, partitions, TopicReplication::Fixed(1)), |topic, &(key, value)| topic.set(key, value))
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -366,12 +341,7 @@ pub fn create_topics_with_config(bootstrap: &str, topics: &[TopicSpec<'_>]) {
             Err((topic, code)) => panic!("creating topic {topic} on {bootstrap} failed: {code}"),
         }
     }
-    wait_for_topics(
-        bootstrap,
-        topics
-            .iter()
-            .map(|&(name, partitions, _)| (name, partitions)),
-    );
+    wait_for_topics(bootstrap, topics.iter().map(|&(name, partitions, _)| (name, partitions)));
 }
 
 /// Waits until metadata lists every topic with at least the given partitions.
@@ -383,12 +353,7 @@ fn wait_for_topics<'a>(bootstrap: &str, topics: impl Iterator<Item = (&'a str, i
             let seen = consumer
                 .fetch_metadata(Some(name), METADATA_TIMEOUT)
                 .ok()
-                .and_then(|m| {
-                    m.topics()
-                        .iter()
-                        .find(|t| t.name() == name && t.error().is_none())
-                        .map(|t| t.partitions().len())
-                });
+                .and_then(|m| m.topics().iter().find(|t| t.name() == name && t.error().is_none()).map(|t| t.partitions().len()));
             if seen.is_some_and(|n| n >= partitions as usize) {
                 break;
             }
@@ -412,27 +377,19 @@ fn metadata_client(bootstrap: &str) -> BaseConsumer {
 
 /// One metadata request, answered with this broker in it.
 fn metadata_answered(bootstrap: &str) -> bool {
-    metadata_client(bootstrap)
-        .fetch_metadata(None, METADATA_TIMEOUT)
-        .is_ok_and(|m| !m.brokers().is_empty())
+    metadata_client(bootstrap).fetch_metadata(None, METADATA_TIMEOUT).is_ok_and(|m| !m.brokers().is_empty())
 }
 
 /// `$TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu` on `PATH`.
 fn find_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("TANSU_BIN") {
         let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "TANSU_BIN={} is not a file; unset it, or install tansu with {INSTALL}",
-            bin.display()
-        );
+        assert!(bin.is_file(), "TANSU_BIN={} is not a file; unset it, or install tansu with {INSTALL}", bin.display());
         return bin;
     }
     let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/tansu"));
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("tansu"));
+    let on_path =
+        std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).map(|dir| dir.join("tansu"));
     home.into_iter().chain(on_path).find(|p| p.is_file()).unwrap_or_else(|| {
         panic!(
             "the tansu broker binary was not found (looked at $TANSU_BIN, ~/.cargo/bin/tansu, PATH). \
@@ -444,17 +401,12 @@ fn find_binary() -> PathBuf {
 
 /// A port that was free a moment ago (the OS picks it; tansu binds it next).
 fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
 }
 
 /// How many times the log says the broker bound its listener.
 fn ready_lines(log: &str) -> usize {
-    log.lines()
-        .filter(|line| line.starts_with("ready in "))
-        .count()
+    log.lines().filter(|line| line.starts_with("ready in ")).count()
 }
 
 fn read_log(path: &Path) -> String {

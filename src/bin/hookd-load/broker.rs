@@ -116,7 +116,8 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 fn metadata_answered(bootstrap: &str) -> bool {
-    let c: Result<BaseConsumer, _> = ClientConfig::new().set("bootstrap.servers", bootstrap).set("allow.auto.create.topics", "false").create();
+    let c: Result<BaseConsumer, _> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("allow.auto.create.topics", "false").create();
     c.is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(2)).is_ok_and(|m| !m.brokers().is_empty()))
 }
 
@@ -246,18 +247,20 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: &[i32]) 
         tpl.add_partition(topic, *p);
     }
     let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok(got
-        .elements()
-        .iter()
-        .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { Some(o) } else { None }))
-        .collect())
+    Ok(got.elements().iter().map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { Some(o) } else { None })).collect())
 }
 
 /// Produces every message of `load` to `topic`, then one sentinel message per partition
 /// (chat `sentinel-<p>`, time `sentinel_ms`), so that "every partition's last record is in
 /// the window store" shows as `load.bundles + partitions` open bundles. Returns the last
 /// offset per partition and the number of records.
-pub fn load_chat(bootstrap: &str, topic: &str, load: &crate::workload::ChatLoad, partitions: i32, sentinel_ms: i64) -> anyhow::Result<(HashMap<i32, i64>, u64)> {
+pub fn load_chat(
+    bootstrap: &str,
+    topic: &str,
+    load: &crate::workload::ChatLoad,
+    partitions: i32,
+    sentinel_ms: i64,
+) -> anyhow::Result<(HashMap<i32, i64>, u64)> {
     let producer = LoadProducer::new(bootstrap, 20)?;
     let total = load.total() as u64;
     let started = Instant::now();
@@ -282,7 +285,14 @@ pub fn load_chat(bootstrap: &str, topic: &str, load: &crate::workload::ChatLoad,
 /// A bare consumer of `topic` in a new group, with hookd's consumer settings: the
 /// produce-to-consume latency (microseconds) of each record stamped with a non-zero
 /// `load_t_us`, until `n` of them or `deadline`. `joined` turns true once it has partitions.
-pub fn bare_latency(config: &hookd::config::Config, group: &str, topic: &str, n: usize, joined: &AtomicBool, deadline: Instant) -> anyhow::Result<Vec<u64>> {
+pub fn bare_latency(
+    config: &hookd::config::Config,
+    group: &str,
+    topic: &str,
+    n: usize,
+    joined: &AtomicBool,
+    deadline: Instant,
+) -> anyhow::Result<Vec<u64>> {
     let consumer: BaseConsumer = hookd::kafka::consumer_config(config, group).create()?;
     consumer.subscribe(&[topic])?;
     let mut out = Vec::with_capacity(n);

@@ -44,12 +44,20 @@ pub fn config_text(opts: Opts, brokers: &str, group: &str, state: &Path, admin: 
     let mut table: toml::Table = text.parse()?;
     for line in opts.settings.lines() {
         let (key, value) = line.split_once('=').with_context(|| format!("--set {line}: expected KEY=VALUE"))?;
-        let value: toml::Value = format!("v = {}", value.trim()).parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(value.trim().into()));
+        let value: toml::Value = format!("v = {}", value.trim())
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.trim().into()));
         let mut parts: Vec<&str> = key.trim().split('.').collect();
         let last = parts.pop().context("--set: empty key")?;
         let mut at = &mut table;
         for p in parts {
-            at = at.entry(p).or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut().with_context(|| format!("--set {key}: `{p}` is not a table"))?;
+            at = at
+                .entry(p)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .with_context(|| format!("--set {key}: `{p}` is not a table"))?;
         }
         at.insert(last.to_string(), value);
     }
@@ -114,11 +122,13 @@ impl InProcess {
             eprintln!("    note: hookd's shared state (and sled) was released {:?} after `Running::wait` returned", stopped.elapsed());
         }
         if !closed {
-            eprintln!("    note: {} references to hookd's shared state (and its sled database) remain 10 s after it stopped", shared.strong_count());
+            eprintln!(
+                "    note: {} references to hookd's shared state (and its sled database) remain 10 s after it stopped",
+                shared.strong_count()
+            );
         }
         Ok(closed)
     }
-
 }
 
 /// Removes a run's directory (state, broker log) if every hookd using it let go of its sled
@@ -228,7 +238,9 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 /// graceful stop), for the child-process scenarios.
 pub async fn serve(config: &PathBuf) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let config = Config::load(config)?;

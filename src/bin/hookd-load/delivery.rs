@@ -63,7 +63,13 @@ pub async fn passthrough(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let (b, t) = (tansu.bootstrap.clone(), setup.topics.crm_events.clone());
         tokio::task::spawn_blocking(move || produce_events(&b, &t, 0, n)).await??;
         receiver.reset();
-        let config = daemon::config(opts, &tansu.bootstrap, "hookd-pass", &dir.path().join("state"), &workload::crm_subscriptions(SUBSCRIPTIONS, addr))?;
+        let config = daemon::config(
+            opts,
+            &tansu.bootstrap,
+            "hookd-pass",
+            &dir.path().join("state"),
+            &workload::crm_subscriptions(SUBSCRIPTIONS, addr),
+        )?;
         let d = InProcess::start(config, Arc::new(SystemClock)).await?;
         let timeout = Duration::from_secs(120) + Duration::from_secs_f64(n as f64 / 1_000.0);
         let got = receiver.wait_distinct(n as u64, timeout, Duration::from_secs(30)).await;
@@ -93,7 +99,13 @@ pub async fn latency(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let dir = tempfile::Builder::new().prefix("hookd-load-lat-").tempdir()?;
         let (tansu, setup) = fresh_broker(opts, dir.path()).await?;
         receiver.reset();
-        let config = daemon::config(opts, &tansu.bootstrap, "hookd-lat", &dir.path().join("state"), &workload::crm_subscriptions(SUBSCRIPTIONS, addr))?;
+        let config = daemon::config(
+            opts,
+            &tansu.bootstrap,
+            "hookd-lat",
+            &dir.path().join("state"),
+            &workload::crm_subscriptions(SUBSCRIPTIONS, addr),
+        )?;
         let d = InProcess::start(config, Arc::new(SystemClock)).await?;
         // The broker's own latency, one hop (hookd's path has two: input, then deliveries).
         let joined = Arc::new(AtomicBool::new(false));
@@ -119,7 +131,15 @@ pub async fn latency(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let l = receiver.latencies_us();
         let b = bare.await??;
         let (q, bq) = (|p| quantile_ms(&l, p), |p| quantile_ms(&b, p));
-        eprintln!("    run {run}: {} events, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; bare one hop p50 {:.2} ms, p99 {:.2} ms ({note})", l.len(), q(0.5), q(0.99), q(1.0), bq(0.5), bq(0.99));
+        eprintln!(
+            "    run {run}: {} events, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; bare one hop p50 {:.2} ms, p99 {:.2} ms ({note})",
+            l.len(),
+            q(0.5),
+            q(0.99),
+            q(1.0),
+            bq(0.5),
+            bq(0.99)
+        );
         p50.values.push(q(0.5));
         p99.values.push(q(0.99));
         max.values.push(q(1.0));
@@ -158,7 +178,8 @@ fn paced(bootstrap: &str, topic: &str, n: usize, per_sec: usize) -> anyhow::Resu
 
 pub async fn flush(opts: Opts) -> anyhow::Result<Vec<Row>> {
     let bundles = opts.scaled(100_000, SUBSCRIPTIONS);
-    let load = ChatLoad { tenants: SUBSCRIPTIONS, chats_per_tenant: bundles / SUBSCRIPTIONS, per_chat: 3, base_ms: BASE_MS, span_ms: HOUR_MS / 2 };
+    let load =
+        ChatLoad { tenants: SUBSCRIPTIONS, chats_per_tenant: bundles / SUBSCRIPTIONS, per_chat: 3, base_ms: BASE_MS, span_ms: HOUR_MS / 2 };
     let bundles = load.bundles(HOUR_MS);
     let (receiver, addr) = Receiver::start()?;
     let mut row = Row::new("flush", "bundles delivered", "bundles/s", None);
@@ -181,7 +202,13 @@ pub async fn flush(opts: Opts) -> anyhow::Result<Vec<Row>> {
         tokio::time::sleep(Duration::from_millis(500)).await; // a close tick: sled flushed
         let jump = Instant::now();
         clock.set(BASE_MS + HOUR_MS + grace_ms + 1);
-        let got = receiver.wait_distinct(bundles as u64, Duration::from_secs(120) + Duration::from_secs_f64(bundles as f64 / 200.0), Duration::from_secs(30)).await;
+        let got = receiver
+            .wait_distinct(
+                bundles as u64,
+                Duration::from_secs(120) + Duration::from_secs_f64(bundles as f64 / 200.0),
+                Duration::from_secs(30),
+            )
+            .await;
         let note = notes(&d);
         let emitted = d.shared.metrics.bundles_emitted.get();
         let closed = d.stop().await?;

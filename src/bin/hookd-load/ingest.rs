@@ -80,7 +80,13 @@ pub async fn broker(opts: Opts) -> anyhow::Result<Vec<Row>> {
 
 /// After a graceful stop: every partition's sled checkpoint is its last offset (nothing
 /// lost), and the committed offset equals the window store's position (low-watermark).
-fn verify(bootstrap: &str, group: &str, topic: &str, state: &std::path::Path, last: &std::collections::HashMap<i32, i64>) -> anyhow::Result<()> {
+fn verify(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    state: &std::path::Path,
+    last: &std::collections::HashMap<i32, i64>,
+) -> anyhow::Result<()> {
     let db = sled::open(state)?;
     let store = WindowStore::open(&db)?;
     let partitions: Vec<i32> = last.keys().copied().collect();

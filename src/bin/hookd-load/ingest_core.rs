@@ -62,7 +62,14 @@ pub fn run(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let p = one_run(&load, &config, dir.path())?;
         let total = p.route + p.apply + p.tick;
         let us = |d: Duration| d.as_secs_f64() * 1e6 / p.messages as f64;
-        eprintln!("    run {run}: {:.0} msg/s ({:.2} us/msg: route {:.2}, apply {:.2}, tick {:.2})", p.messages as f64 / total.as_secs_f64(), us(total), us(p.route), us(p.apply), us(p.tick));
+        eprintln!(
+            "    run {run}: {:.0} msg/s ({:.2} us/msg: route {:.2}, apply {:.2}, tick {:.2})",
+            p.messages as f64 / total.as_secs_f64(),
+            us(total),
+            us(p.route),
+            us(p.apply),
+            us(p.tick)
+        );
         rate.values.push(p.messages as f64 / total.as_secs_f64());
         per_msg.values.push(us(total));
         route.values.push(us(p.route));
@@ -121,12 +128,25 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
     let t = Instant::now();
     park.db().flush()?;
     phases.tick += t.elapsed();
-    anyhow::ensure!(store.open_bundles() == load.bundles(workload::HOUR_MS), "ingest-core: {} bundles, expected {}", store.open_bundles(), load.bundles(workload::HOUR_MS));
+    anyhow::ensure!(
+        store.open_bundles() == load.bundles(workload::HOUR_MS),
+        "ingest-core: {} bundles, expected {}",
+        store.open_bundles(),
+        load.bundles(workload::HOUR_MS)
+    );
     Ok(phases)
 }
 
 /// What `window::stage::process` does for one record, for aggregating subscriptions.
-fn route_one(registry: &Registry, store: &WindowStore, value: &[u8], max_bytes: usize, partition: i32, offset: i64, pending: &mut Vec<Part>) -> anyhow::Result<()> {
+fn route_one(
+    registry: &Registry,
+    store: &WindowStore,
+    value: &[u8],
+    max_bytes: usize,
+    partition: i32,
+    offset: i64,
+    pending: &mut Vec<Part>,
+) -> anyhow::Result<()> {
     let m = ChatMessage::decode(value, max_bytes)?;
     if m.has_attachments() {
         return Ok(());

@@ -126,7 +126,9 @@ fn main() -> anyhow::Result<()> {
         return runtime.block_on(daemon::serve(&config));
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,librdkafka=error,rdkafka=error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,librdkafka=error,rdkafka=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     anyhow::ensure!(cli.runs >= 1, "--runs must be at least 1");
@@ -136,7 +138,15 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("name at least one scenario (or `all`); see --help");
     }
     if scenarios.contains(&Scenario::All) {
-        scenarios = vec![Scenario::IngestCore, Scenario::Ingest, Scenario::Passthrough, Scenario::Latency, Scenario::Flush, Scenario::Memory, Scenario::Recovery];
+        scenarios = vec![
+            Scenario::IngestCore,
+            Scenario::Ingest,
+            Scenario::Passthrough,
+            Scenario::Latency,
+            Scenario::Flush,
+            Scenario::Memory,
+            Scenario::Recovery,
+        ];
     }
     let mut rdkafka = String::new();
     for kv in &cli.rdkafka {

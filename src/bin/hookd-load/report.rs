@@ -194,12 +194,8 @@ impl fmt::Display for Table {
             }
         }
         let line = |f: &mut fmt::Formatter<'_>, c: &[String]| {
-            let parts: Vec<String> = c
-                .iter()
-                .zip(width)
-                .enumerate()
-                .map(|(i, (s, w))| if i == 3 { format!("{s:>w$}") } else { format!("{s:<w$}") })
-                .collect();
+            let parts: Vec<String> =
+                c.iter().zip(width).enumerate().map(|(i, (s, w))| if i == 3 { format!("{s:>w$}") } else { format!("{s:<w$}") }).collect();
             writeln!(f, "{}", parts.join(" | ").trim_end())
         };
         line(f, &head.map(String::from))?;

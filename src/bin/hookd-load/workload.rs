@@ -97,7 +97,9 @@ pub fn crm_event(i: usize, tenant: usize, stamp_us: u64) -> Vec<u8> {
             r#""order":{{"id":"ORD-{i}","code":"SO{i:08}","status":"confirmed","total":1250000,"currency":"VND","customer":{{"name":"Tran Thuan","phone":"+84901234567"}},"items":[{{"sku":"SKU-1","qty":2,"price":500000}},{{"sku":"SKU-2","qty":1,"price":250000}}],"load_t_us":{stamp_us}}}"#
         )
     } else {
-        format!(r#""contact":{{"name":"Tran","lastname":"Thuan","contactId":"PID-{i}","email":"tran.thuan@example.com","phones":["+84901234567"],"load_t_us":{stamp_us}}}"#)
+        format!(
+            r#""contact":{{"name":"Tran","lastname":"Thuan","contactId":"PID-{i}","email":"tran.thuan@example.com","phones":["+84901234567"],"load_t_us":{stamp_us}}}"#
+        )
     };
     format!(
         r#"{{"id":"evt-{i}","tenant":"t{tenant}","type":"{kind}","occurred_at":1618118040123,"actor":{{"id":"57f2399cd7351a3e75f8aa1a","email":"tran.le@example.com","firstname":"Tran","lastname":"Le"}},"data":{{{entity}}},"changes":{{"old":{{"name":"Lead"}},"new":{{"name":"Contacted"}}}},"content":"Tran Le changed {kind} {i}","link":"https://crm.example.com/contacts/PID-{i}"}}"#
