@@ -50,6 +50,15 @@ fn bundles(rx: &Receiver) -> Vec<Value> {
     rx.requests().iter().filter(|r| r.path == "/bundles").map(|r| serde_json::from_slice(&r.body).unwrap()).collect()
 }
 
+/// Waits until the `hookd_open_bundles` gauge reads `n`.
+async fn wait_open_bundles(shared: &hookd::Shared, n: i64, secs: u64, what: &str) {
+    wait_until(Duration::from_secs(secs), what, || {
+        let open = shared.metrics.open_bundles.get();
+        async move { open == n }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundles_close_by_the_clock_with_messages_in_time_order_and_escaped_summary() {
     let (_mock, brokers) = mock_broker();
@@ -79,11 +88,7 @@ async fn bundles_close_by_the_clock_with_messages_in_time_order_and_escaped_summ
     let single: Value = serde_json::from_slice(&each[0].body).unwrap();
     assert!(single["message"]["text"].is_string() && single["chat"]["chat_id"].is_string(), "{single}");
     let shared = daemon.shared.clone();
-    wait_until(Duration::from_secs(10), "two open bundles", || {
-        let n = shared.metrics.open_bundles.get();
-        async move { n == 2 }
-    })
-    .await;
+    wait_open_bundles(&shared, 2, 10, "two open bundles").await;
     assert!(bundles(&rx).is_empty());
 
     // 16:00-17:00 window closes at 17:00 + grace (5 s).
@@ -120,11 +125,7 @@ async fn bundles_close_by_the_clock_with_messages_in_time_order_and_escaped_summ
 
     // A late message for the emitted window goes to the chat's next bundle, flagged late.
     produce(&p, "chat.messages", "A", Some(&message("late", "A", T0 + 700_000, "John Doe", "late one"))).await;
-    wait_until(Duration::from_secs(30), "late message in an open bundle", || {
-        let n = shared.metrics.open_bundles.get();
-        async move { n == 1 }
-    })
-    .await;
+    wait_open_bundles(&shared, 1, 30, "late message in an open bundle").await;
     assert_eq!(bundles(&rx).len(), 2, "the late message waits for the next window (17:00-18:00)");
     clock.advance(Duration::from_secs(3600));
     wait_until(Duration::from_secs(30), "late message in its own bundle", || {
@@ -137,11 +138,7 @@ async fn bundles_close_by_the_clock_with_messages_in_time_order_and_escaped_summ
     assert!(daemon.shared.metrics.render().contains("hookd_chat_messages_late_total 1"));
     // The bundle is removed when the broker acknowledges its delivery record, which can land
     // after the sender already read and delivered it: the gauge follows shortly.
-    wait_until(Duration::from_secs(10), "no open bundle left", || {
-        let n = shared.metrics.open_bundles.get();
-        async move { n == 0 }
-    })
-    .await;
+    wait_open_bundles(&shared, 0, 10, "no open bundle left").await;
     stop.cancel();
     daemon.wait().await.unwrap();
 }
@@ -164,11 +161,7 @@ async fn open_bundles_survive_a_graceful_restart_and_close_on_time() {
         .await;
     }
     let shared = daemon.shared.clone();
-    wait_until(Duration::from_secs(30), "five open bundles", || {
-        let n = shared.metrics.open_bundles.get();
-        async move { n == 5 }
-    })
-    .await;
+    wait_open_bundles(&shared, 5, 30, "five open bundles").await;
     drop(shared);
     stop.cancel();
     daemon.wait().await.unwrap();
@@ -214,11 +207,7 @@ async fn restart_with_open_bundles_reads_no_old_record_again() {
         send(i, format!("c{}", i % 5)).await;
     }
     let shared = daemon.shared.clone();
-    wait_until(Duration::from_secs(30), "five open bundles", || {
-        let n = shared.metrics.open_bundles.get();
-        async move { n == 5 }
-    })
-    .await;
+    wait_open_bundles(&shared, 5, 30, "five open bundles").await;
     rx.wait_for(20, Duration::from_secs(30)).await;
     drop(shared);
     stop.cancel();
@@ -228,11 +217,7 @@ async fn restart_with_open_bundles_reads_no_old_record_again() {
     send(20, "c0".into()).await;
     send(21, "new".into()).await;
     let shared = daemon.shared.clone();
-    wait_until(Duration::from_secs(30), "the new chat's bundle", || {
-        let n = shared.metrics.open_bundles.get();
-        async move { n == 6 }
-    })
-    .await;
+    wait_open_bundles(&shared, 6, 30, "the new chat's bundle").await;
     let m = &daemon.shared.metrics;
     assert_eq!(m.events_consumed.with_label_values(&["chat"]).get(), 2, "only the two new messages were read");
     assert_eq!(m.resume_skipped.with_label_values(&["chat"]).get(), 20, "every old record skipped by the seek");

@@ -80,17 +80,20 @@ fn src_key(partition: i32, offset: i64) -> [u8; 13] {
     k
 }
 
-fn ckpt_key(partition: i32) -> [u8; 5] {
-    let mut k = [0u8; 5];
-    k[0] = b'c';
+/// A per-partition key: `tag` then the partition (u32 BE). Both state trees use it for their
+/// checkpoint (`c`) and settled position (`f`).
+pub(crate) fn partition_key(tag: u8, partition: i32) -> [u8; 5] {
+    let mut k = [tag; 5];
     k[1..5].copy_from_slice(&(partition as u32).to_be_bytes());
     k
 }
 
+fn ckpt_key(partition: i32) -> [u8; 5] {
+    partition_key(b'c', partition)
+}
+
 fn settled_key(partition: i32) -> [u8; 5] {
-    let mut k = ckpt_key(partition);
-    k[0] = b'f';
-    k
+    partition_key(b'f', partition)
 }
 
 fn be_i64(v: &[u8]) -> i64 {

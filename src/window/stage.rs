@@ -40,28 +40,80 @@ pub struct Pending {
     header: Arc<[u8]>,
 }
 
+/// Builds the bundle parts of one decoded message: the stored message and bundle header
+/// are serialised once, on the first aggregating subscription, and shared by the others.
+pub struct Parts<'m> {
+    m: &'m ChatMessage,
+    partition: i32,
+    offset: i64,
+    header: Option<Arc<[u8]>>,
+    message: Option<Arc<[u8]>>,
+    pub parts: Vec<Pending>,
+}
+
+impl<'m> Parts<'m> {
+    pub fn new(m: &'m ChatMessage, partition: i32, offset: i64) -> Self {
+        Self { m, partition, offset, header: None, message: None, parts: Vec::new() }
+    }
+
+    /// Adds the message's part for aggregating subscription `sub_id` with windows of `size`.
+    pub fn push(&mut self, sub_id: &str, size: std::time::Duration) {
+        let m = self.m;
+        let header = self.header.get_or_insert_with(|| Arc::from(timelines::header_bytes(m))).clone();
+        let message = self.message.get_or_insert_with(|| Arc::from(timelines::message_bytes(m))).clone();
+        self.parts.push(Pending {
+            sub_id: sub_id.to_string(),
+            chat_id: m.chat_id.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            ts_ms: m.timestamp_ms(),
+            size_ms: size.as_millis() as i64,
+            message,
+            header,
+        });
+    }
+}
+
+/// Applies bundle parts to the store as one batch; returns where each went (bundle, late).
+pub fn apply_parts(store: &WindowStore, parts: &[Pending], grace_ms: i64) -> Result<Vec<(BundleKey, bool)>, sled::Error> {
+    let batch: Vec<Incoming<'_>> = parts
+        .iter()
+        .map(|p| Incoming {
+            sub_id: &p.sub_id,
+            chat_id: &p.chat_id,
+            partition: p.partition,
+            offset: p.offset,
+            ts_ms: p.ts_ms,
+            size_ms: p.size_ms,
+            grace_ms,
+            message: &p.message,
+            header: &p.header,
+        })
+        .collect();
+    store.apply(&batch)
+}
+
 /// Routes one chat message: pass-through deliveries into the work, bundle parts returned.
 pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) -> (Work, Vec<Pending>) {
     let mut work = Work::new(msg);
-    let mut pending = Vec::new();
     let original = msg.payload().unwrap_or_default();
     let m = match ChatMessage::decode(original, shared.config.ingest.max_record_bytes) {
         Ok(m) => m,
         Err(e) => {
             work.dead_letter(e.to_string(), None, original);
-            return (work, pending);
+            return (work, Vec::new());
         }
     };
     if m.has_attachments() {
         shared.metrics.chat_skipped.with_label_values(&["attachments"]).inc();
-        return (work, pending);
+        return (work, Vec::new());
     }
     let event_type = format!("message.{}", m.direction);
     let index = shared.registry.index();
     let applied = store.checkpoint(work.tp.1).ok().flatten();
     let now = shared.clock.now_ms();
     let source = work.source();
-    let (mut single, mut header, mut message) = (None, None, None);
+    let (mut single, mut parts) = (None, Parts::new(&m, work.tp.1, work.offset));
     for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
         match sub.aggregation {
             Aggregation::None => {
@@ -71,26 +123,14 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
                     chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone()),
                 ));
             }
-            Aggregation::Every(size) if applied.is_none_or(|c| work.offset > c) => {
-                let header = header.get_or_insert_with(|| Arc::<[u8]>::from(timelines::header_bytes(&m)));
-                pending.push(Pending {
-                    sub_id: sub.id.clone(),
-                    chat_id: m.chat_id.clone(),
-                    partition: work.tp.1,
-                    offset: work.offset,
-                    ts_ms: m.timestamp_ms(),
-                    size_ms: size.as_millis() as i64,
-                    message: message.get_or_insert_with(|| Arc::<[u8]>::from(timelines::message_bytes(&m))).clone(),
-                    header: header.clone(),
-                });
-            }
+            Aggregation::Every(size) if applied.is_none_or(|c| work.offset > c) => parts.push(&sub.id, size),
             Aggregation::Every(_) => {} // already in the window store (offset <= its checkpoint)
         }
     }
-    if work.deliveries.is_empty() && pending.is_empty() {
+    if work.deliveries.is_empty() && parts.parts.is_empty() {
         shared.metrics.events_unmatched.with_label_values(&["chat"]).inc();
     }
-    (work, pending)
+    (work, parts.parts)
 }
 
 fn chat_record(sub: &str, tenant: &str, id: String, event: &str, body: Vec<u8>, now: i64, source: SourceRef) -> Vec<u8> {
@@ -172,23 +212,7 @@ impl ChatStage {
         if self.pending.is_empty() {
             return std::mem::take(&mut self.waiting);
         }
-        let grace_ms = shared.config.chat.grace_ms as i64;
-        let batch: Vec<Incoming<'_>> = self
-            .pending
-            .iter()
-            .map(|p| Incoming {
-                sub_id: &p.sub_id,
-                chat_id: &p.chat_id,
-                partition: p.partition,
-                offset: p.offset,
-                ts_ms: p.ts_ms,
-                size_ms: p.size_ms,
-                grace_ms,
-                message: &p.message,
-                header: &p.header,
-            })
-            .collect();
-        match self.store.apply(&batch) {
+        match apply_parts(&self.store, &self.pending, shared.config.chat.grace_ms as i64) {
             Ok(placed) => {
                 let late = placed.iter().filter(|(_, late)| *late).count();
                 if late > 0 {

@@ -40,6 +40,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sled::{Batch, Tree};
 
+use crate::deliver::park::partition_key;
+
 /// Identifies a bundle: one chat, one subscription, one window.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BundleKey {
@@ -636,16 +638,11 @@ fn wm_key(partition: i32, first_offset: i64, id: &[u8]) -> Vec<u8> {
 }
 
 fn ckpt_key(partition: i32) -> [u8; 5] {
-    let mut k = [0u8; 5];
-    k[0] = b'c';
-    k[1..5].copy_from_slice(&(partition as u32).to_be_bytes());
-    k
+    partition_key(b'c', partition)
 }
 
 fn settled_key(partition: i32) -> [u8; 5] {
-    let mut k = ckpt_key(partition);
-    k[0] = b'f';
-    k
+    partition_key(b'f', partition)
 }
 
 fn corrupt(what: &str) -> sled::Error {

@@ -5,8 +5,8 @@
 //! can make, so this module repeats its steps for aggregating subscriptions with the same
 //! public pieces, in the same order: `ChatMessage::decode`, the attachment check, the
 //! registry lookup (`Registry::index` + `Index::matching` per message), the window store's
-//! checkpoint read per message, the bundle header and message serialisation, then
-//! `WindowStore::apply` per `chat.max_batch` messages and the gauge read after it, and, every
+//! checkpoint read per message, the bundle parts (`stage::Parts`, the daemon's own), then
+//! `stage::apply_parts` per `chat.max_batch` messages and the gauge read after it, and, every
 //! `chat.close_interval_ms`, the due-index scan and a sled flush (the close tick). Input
 //! generation is outside the timed part. Keep it in step with `window/stage.rs`.
 
@@ -14,27 +14,13 @@ use std::time::{Duration, Instant};
 
 use hookd::deliver::park::ParkStore;
 use hookd::ingest::chat::ChatMessage;
-use std::sync::Arc;
-
-use hookd::render::timelines;
 use hookd::route::subscription::{Aggregation, Source};
 use hookd::route::Registry;
-use hookd::window::store::{Incoming, WindowStore};
+use hookd::window::stage::{apply_parts, Parts, Pending};
+use hookd::window::store::WindowStore;
 
 use crate::report::{Row, Target};
 use crate::{daemon, ingest, workload, Opts};
-
-/// A message's part for one bundle, owned until its batch is applied (hookd's `Pending`).
-struct Part {
-    sub_id: String,
-    chat_id: String,
-    partition: i32,
-    offset: i64,
-    ts_ms: i64,
-    size_ms: i64,
-    message: Arc<[u8]>,
-    header: Arc<[u8]>,
-}
 
 /// Where the time went, summed over a run.
 #[derive(Default)]
@@ -87,7 +73,7 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
     let close_every = Duration::from_millis(config.chat.close_interval_ms);
     let grace_ms = config.chat.grace_ms as i64;
     let mut offsets = [0i64; PARTITIONS as usize];
-    let mut pending: Vec<Part> = Vec::with_capacity(max_batch);
+    let mut pending: Vec<Pending> = Vec::with_capacity(max_batch);
     let mut phases = Phases::default();
     let mut since_tick = Duration::ZERO;
     let mut records = load.records();
@@ -145,7 +131,7 @@ fn route_one(
     max_bytes: usize,
     partition: i32,
     offset: i64,
-    pending: &mut Vec<Part>,
+    pending: &mut Vec<Pending>,
 ) -> anyhow::Result<()> {
     let m = ChatMessage::decode(value, max_bytes)?;
     if m.has_attachments() {
@@ -154,44 +140,21 @@ fn route_one(
     let event_type = format!("message.{}", m.direction);
     let index = registry.index();
     let applied = store.checkpoint(partition)?;
-    let (mut header, mut message): (Option<Arc<[u8]>>, Option<Arc<[u8]>>) = (None, None);
+    let mut parts = Parts::new(&m, partition, offset);
     for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
         if let Aggregation::Every(size) = sub.aggregation {
             if applied.is_none_or(|c| offset > c) {
-                let header = header.get_or_insert_with(|| Arc::<[u8]>::from(timelines::header_bytes(&m)));
-                pending.push(Part {
-                    sub_id: sub.id.clone(),
-                    chat_id: m.chat_id.clone(),
-                    partition,
-                    offset,
-                    ts_ms: m.timestamp_ms(),
-                    size_ms: size.as_millis() as i64,
-                    message: message.get_or_insert_with(|| Arc::<[u8]>::from(timelines::message_bytes(&m))).clone(),
-                    header: header.clone(),
-                });
+                parts.push(&sub.id, size);
             }
         }
     }
+    pending.append(&mut parts.parts);
     Ok(())
 }
 
 /// `ChatStage::apply_batch`: one sled batch, then the open-bundles gauge read.
-fn apply(store: &WindowStore, pending: &[Part], grace_ms: i64) -> anyhow::Result<()> {
-    let batch: Vec<Incoming<'_>> = pending
-        .iter()
-        .map(|p| Incoming {
-            sub_id: &p.sub_id,
-            chat_id: &p.chat_id,
-            partition: p.partition,
-            offset: p.offset,
-            ts_ms: p.ts_ms,
-            size_ms: p.size_ms,
-            grace_ms,
-            message: &p.message,
-            header: &p.header,
-        })
-        .collect();
-    let placed = store.apply(&batch)?;
+fn apply(store: &WindowStore, pending: &[Pending], grace_ms: i64) -> anyhow::Result<()> {
+    let placed = apply_parts(store, pending, grace_ms)?;
     std::hint::black_box((placed.iter().filter(|(_, late)| *late).count(), store.open_bundles()));
     Ok(())
 }
