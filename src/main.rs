@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// mimalloc instead of glibc's malloc: sled and the JSON path allocate per message, and
-/// glibc's allocator was a fifth of the ingest profile (docs/PERFORMANCE.md).
+/// glibc's allocator was about a third of the ingest profile (docs/PERFORMANCE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio_util::sync::CancellationToken;

@@ -23,7 +23,7 @@
 //! - [`report`]: the machine, the table, medians.
 
 /// mimalloc instead of glibc's malloc: sled and the JSON path allocate per message, and
-/// glibc's allocator was a fifth of the ingest profile (docs/PERFORMANCE.md).
+/// glibc's allocator was about a third of the ingest profile (docs/PERFORMANCE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
