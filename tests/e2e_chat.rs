@@ -1,4 +1,4 @@
-//! Chat bundles end to end: the `hookd` binary on a tansu broker process, killed, stopped,
+//! Chat bundles end to end: the `hookd` binary on an Apache Kafka broker process, killed, stopped,
 //! and restarted with and without its sled directory (DESIGN section 2, issue 3 point 6).
 //! The windows are short (4 s) real-time windows; the assertion is that every message ends
 //! up in a delivered bundle, never how fast.
@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
+use common::kafka::{Kafka, Topics};
 use common::receiver::Receiver;
-use common::tansu::{create_topics, Storage, Tansu};
 use common::*;
 use serde_json::{json, Value};
 
@@ -21,12 +21,12 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn write_config(dir: &Path, brokers: &str, url: &str, admin_port: u16) -> std::path::PathBuf {
+fn write_config(dir: &Path, brokers: &str, topics: &Topics, url: &str, admin_port: u16) -> std::path::PathBuf {
     let path = dir.join("hookd.toml");
     let text = format!(
         r#"[kafka]
 brokers = "{brokers}"
-group_id = "hookd-chat-e2e"
+group_id = "{group}"
 create_topics = false
 commit_interval_ms = 200
 session_timeout_ms = 6000
@@ -47,14 +47,17 @@ tenant = "ws"
 source = "chat"
 aggregation = "4s"
 url = "{url}"
-"#,
-        dir.join("state").display()
+{topics_toml}"#,
+        dir.join("state").display(),
+        group = topics.group_id,
+        topics_toml = topics.toml(),
     );
     std::fs::write(&path, text).unwrap();
     path
 }
 
-async fn publish(brokers: &str) {
+async fn publish(brokers: &str, topics: &Topics) {
+    let topic = topics.name("chat.messages");
     let p = producer(brokers);
     let now = chrono::Utc::now().timestamp_millis();
     let sends = (0..MESSAGES).map(|i| {
@@ -65,8 +68,8 @@ async fn publish(brokers: &str) {
             "sender": {"full_name": "S", "phone": "+2"}, "recipient": {"full_name": "R", "phone": "+3"},
             "text": format!("text {i} ✓")})
         .to_string();
-        let p = p.clone();
-        async move { produce(&p, "chat.messages", &chat, Some(&v)).await }
+        let (p, topic) = (p.clone(), topic.clone());
+        async move { produce(&p, &topic, &chat, Some(&v)).await }
     });
     futures::future::join_all(sends).await;
 }
@@ -104,7 +107,6 @@ async fn until_all_delivered(rx: &Receiver) {
 }
 
 struct Setup {
-    _broker: Tansu,
     rx: Receiver,
     dir: tempfile::TempDir,
     cfg: std::path::PathBuf,
@@ -112,14 +114,15 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let broker = Tansu::start(Storage::Sqlite("tansu.db".into()));
-    create_topics(&broker.bootstrap, &TOPICS.map(|t| (t, 3)));
+    let broker = Kafka::shared();
+    let topics = Topics::unique("chat");
+    topics.create(&broker.bootstrap, 3);
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let admin = free_port();
-    let cfg = write_config(dir.path(), &broker.bootstrap, &rx.url("/bundles"), admin);
-    publish(&broker.bootstrap).await;
-    Setup { _broker: broker, rx, dir, cfg, admin }
+    let cfg = write_config(dir.path(), &broker.bootstrap, &topics, &rx.url("/bundles"), admin);
+    publish(&broker.bootstrap, &topics).await;
+    Setup { rx, dir, cfg, admin }
 }
 
 /// SIGKILL with open bundles, optionally delete the state directory, restart, and wait
@@ -130,7 +133,6 @@ async fn kill_and_restart(delete_state: bool) -> Setup {
     until_bundles_open(s.admin).await;
     first.kill().unwrap();
     first.wait().unwrap();
-    wait_out_dead_session().await;
     if delete_state {
         std::fs::remove_dir_all(s.dir.path().join("state")).expect("state directory existed");
     }

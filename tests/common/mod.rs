@@ -1,10 +1,10 @@
 //! Helpers shared by the integration tests: a real broker (librdkafka's mock cluster in
-//! process, or a tansu process), a real HTTP receiver, a daemon started in process, and
+//! process, or an Apache Kafka process: [`kafka`]), a real HTTP receiver, a daemon started in process, and
 //! polling waits instead of fixed sleeps.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod receiver;
-pub mod tansu;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -134,16 +134,6 @@ pub fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Ve
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     let h = m.headers()?;
     h.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
-/// After a SIGKILL, waits out the dead instance's consumer-group session (the e2e configs use
-/// `session_timeout_ms = 6000`) before the restart, as a supervisor's restart delay would.
-/// tansu 0.6 sometimes never assigns partitions to a member that joins while the killed
-/// member is still registered (seen here as a restarted daemon consuming nothing for 5
-/// minutes with its state intact), and it answers no ListGroups/DescribeGroups to wait on, so
-/// this is a time-based wait by necessity. See docs/DESIGN-NOTES.md.
-pub async fn wait_out_dead_session() {
-    tokio::time::sleep(Duration::from_secs(8)).await;
 }
 
 /// Starts the `hookd` binary with `run --config <config>`, its log in `log`

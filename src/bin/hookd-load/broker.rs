@@ -1,15 +1,7 @@
-//! The broker side of the harness: a tansu process on 127.0.0.1, hookd's topics, a bulk
-//! producer that remembers the last offset acknowledged per partition, a paced producer, and
-//! the bare consumer that gives the broker's ceiling.
-//!
-//! The tansu start is the essential part of `tests/common/tansu.rs` (test code cannot be
-//! imported by a binary). Storage per scenario (see `docs/PERFORMANCE.md`):
-//! - `memory://`: about 4x faster than sqlite, but tansu 0.6 serves a fetch only from
-//!   batches that *start* at or after the fetch offset and answers ListOffsets(latest)
-//!   wrongly. Fine for readers that start at the beginning (every scenario here: a fresh
-//!   consumer group per run, or a committed offset at the start of a batch); the harness
-//!   therefore counts records from the producer's acknowledgements, never from watermarks.
-//! - `sqlite://`: correct offsets and restarts; slower.
+//! The broker side of the harness: an Apache Kafka process on 127.0.0.1 (KRaft, one
+//! combined broker+controller node, started by `scripts/kafka`, the same broker the tests
+//! run on), hookd's topics, a bulk producer that remembers the last offset acknowledged per
+//! partition, a paced producer, and the bare consumer that gives the broker's ceiling.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -28,86 +20,80 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-/// Where tansu keeps its records.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Storage {
-    Memory,
-    Sqlite,
-}
+/// How long a start waits for the broker to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A tansu broker process, killed on drop.
-pub struct Tansu {
+/// An Apache Kafka broker process (`scripts/kafka run DIR`, which execs the JVM), killed on
+/// drop.
+pub struct Kafka {
     pub bootstrap: String,
     child: Child,
     dir: PathBuf,
+    /// How long the start took, JVM start and KRaft format included.
+    pub started_in: Duration,
 }
 
-impl Tansu {
-    /// Starts tansu on a free port in `dir` and waits until it answers a metadata request.
-    pub fn start(storage: Storage, dir: &Path) -> anyhow::Result<Self> {
-        let bin = find_binary()?;
+impl Kafka {
+    /// Starts a broker with its data in `dir` (formatted on first use) and waits until it
+    /// answers a metadata request. The jars are resolved through Maven on first use.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let t0 = Instant::now();
         std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let bootstrap = format!("127.0.0.1:{port}");
-        let listener = format!("tcp://{bootstrap}");
-        let engine = match storage {
-            Storage::Memory => "memory://tansu/".to_string(),
-            Storage::Sqlite => "sqlite://tansu.db".to_string(), // relative to its working directory
-        };
-        let log = OpenOptions::new().create(true).append(true).open(dir.join("tansu.log"))?;
-        let child = Command::new(&bin)
-            .arg("broker")
-            .args(["--listener-url", &listener, "--advertised-listener-url", &listener])
-            .args(["--storage-engine", &engine, "--cluster-id", "hookd-load"])
-            .current_dir(dir)
-            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
-            .env("NO_COLOR", "1")
+        let fetched = Command::new(script()).arg("fetch").stdin(Stdio::null()).stdout(Stdio::null()).status()?;
+        anyhow::ensure!(fetched.success(), "scripts/kafka fetch failed: Java 17+ and Maven are needed (its message is above)");
+        let prepared = Command::new(script()).arg("prepare").arg(dir).stdin(Stdio::null()).output()?;
+        anyhow::ensure!(prepared.status.success(), "scripts/kafka prepare failed: {}", String::from_utf8_lossy(&prepared.stderr));
+        let port = String::from_utf8_lossy(&prepared.stdout).trim().to_owned();
+        let log = OpenOptions::new().create(true).append(true).open(dir.join("stdout.log"))?;
+        let child = Command::new(script())
+            .arg("run")
+            .arg(dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
-        let mut t = Tansu { bootstrap, child, dir: dir.to_path_buf() };
-        t.wait_ready()?;
-        Ok(t)
+            .with_context(|| format!("spawn {} run", script().display()))?;
+        let mut k = Kafka { bootstrap: format!("127.0.0.1:{port}"), child, dir: dir.to_path_buf(), started_in: Duration::ZERO };
+        k.wait_ready()?;
+        k.started_in = t0.elapsed();
+        eprintln!("    Apache Kafka on {} started in {:.1} s", k.bootstrap, k.started_in.as_secs_f64());
+        Ok(k)
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let log = self.dir.join("broker.log");
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("tansu exited with {status}; log: {}", self.dir.join("tansu.log").display());
+                bail!("the Kafka broker exited with {status}; logs in {}", self.dir.display());
             }
-            let log = std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default();
-            if log.lines().any(|l| l.starts_with("ready in ")) && metadata_answered(&self.bootstrap) {
+            let started = std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Kafka Server started"));
+            if started && metadata_answered(&self.bootstrap) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("tansu did not answer within 30 s; log: {}", self.dir.join("tansu.log").display());
+                bail!("the Kafka broker did not answer within {READY_TIMEOUT:?}; logs in {}", self.dir.display());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
-impl Drop for Tansu {
+impl Drop for Kafka {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// `$TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu` on `PATH`.
-fn find_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("TANSU_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/tansu"));
-    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).map(|d| d.join("tansu"));
-    home.into_iter().chain(on_path).find(|p| p.is_file()).context(
-        "the tansu broker was not found ($TANSU_BIN, ~/.cargo/bin/tansu, PATH); install it with \
-         `cargo install tansu --version 0.6.0 --locked --features libsql,dynostore`",
-    )
+/// The Kafka version `scripts/kafka` runs: `$KAFKA_VERSION`, else its default.
+pub fn kafka_version() -> String {
+    std::env::var("KAFKA_VERSION").unwrap_or_else(|_| "4.4.0".into())
+}
+
+/// `scripts/kafka` of this source tree (`$HOOKD_KAFKA_SCRIPT` overrides it).
+fn script() -> PathBuf {
+    std::env::var_os("HOOKD_KAFKA_SCRIPT").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka"))
 }
 
 /// A loopback port that was free a moment ago.

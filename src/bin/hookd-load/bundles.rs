@@ -2,7 +2,7 @@
 //! `hookd run` runs it) holding 1,000,000 open bundles of 3 messages each.
 //!
 //! - `memory`: 3,000,000 chat messages (one per chat and round, 1,000,000 chats, one 1 h
-//!   subscription) wait on a tansu `memory://` broker; each run starts a child with an empty
+//!   subscription) wait on the broker; each run starts a child with an empty
 //!   state directory in a new consumer group and waits until every bundle is open (the
 //!   per-partition sentinels are in the window store). Timestamps lie in tomorrow's window, so
 //!   the wall clock closes nothing. Figures: the child's peak resident memory (`VmHWM` of
@@ -13,10 +13,6 @@
 //!   replays from the committed offset, which open bundles hold at the oldest one's first
 //!   offset, skipping what sled already holds), and until `/readyz` answers 200 and a record
 //!   was read.
-//!
-//! The committed offset the restart resumes from is the first offset of a partition (the
-//! oldest open bundle), the start of a producer batch, so tansu's `memory://` caveat (a
-//! fetch inside a batch) does not apply.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use hookd::window::clock::{Clock, SystemClock};
 
-use crate::broker::{self, free_port, LoadProducer, Rec, Tansu};
+use crate::broker::{self, free_port, Kafka, LoadProducer, Rec};
 use crate::daemon::{self, ChildDaemon};
 use crate::report::{Row, Target};
 use crate::workload::{self, ChatLoad, HOUR_MS};
@@ -34,7 +30,7 @@ use crate::Opts;
 pub struct Held {
     opts: Opts,
     dir: tempfile::TempDir,
-    tansu: Tansu,
+    kafka: Kafka,
     topic: String,
     subs: String,
     base_ms: i64,
@@ -51,7 +47,7 @@ impl Held {
         let work = self.dir.path().join(name);
         std::fs::create_dir_all(&work)?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let text = daemon::config_text(self.opts, &self.tansu.bootstrap, &self.group, &self.state, &admin.to_string(), &self.subs)?;
+        let text = daemon::config_text(self.opts, &self.kafka.bootstrap, &self.group, &self.state, &admin.to_string(), &self.subs)?;
         ChildDaemon::spawn(&work, &text, admin)
     }
 }
@@ -68,17 +64,17 @@ pub async fn memory(opts: Opts) -> anyhow::Result<(Vec<Row>, Held)> {
     let base_ms = (SystemClock.now_ms() / HOUR_MS + 24) * HOUR_MS;
     let load = ChatLoad { tenants: 1, chats_per_tenant: chats, per_chat: 3, base_ms, span_ms: HOUR_MS / 2 };
     let dir = tempfile::Builder::new().prefix("hookd-load-mem-").tempdir()?;
-    let tansu = Tansu::start(opts.storage, &dir.path().join("broker"))?;
-    let setup = daemon::config(opts, &tansu.bootstrap, "setup", &dir.path().join("setup"), "")?;
+    let kafka = Kafka::start(&dir.path().join("broker"))?;
+    let setup = daemon::config(opts, &kafka.bootstrap, "setup", &dir.path().join("setup"), "")?;
     hookd::kafka::ensure_topics(&setup).await?;
     let partitions = setup.kafka.partitions;
     let topic = setup.topics.chat_messages.clone();
-    let (b, t, l) = (tansu.bootstrap.clone(), topic.clone(), load.clone());
+    let (b, t, l) = (kafka.bootstrap.clone(), topic.clone(), load.clone());
     let (_, total) = tokio::task::spawn_blocking(move || broker::load_chat(&b, &t, &l, partitions, base_ms)).await??;
     let bundles = (load.bundles(HOUR_MS) + partitions as usize) as i64;
     eprintln!("    {total} messages, {bundles} bundles to hold");
     let subs = workload::chat_subscriptions(1, "1h", "127.0.0.1:9".parse()?);
-    let mut held = Held { opts, dir, tansu, topic, subs, base_ms, state: PathBuf::new(), group: String::new(), bundles };
+    let mut held = Held { opts, dir, kafka, topic, subs, base_ms, state: PathBuf::new(), group: String::new(), bundles };
     let mut hwm = Row::new("memory", "peak RSS (VmHWM) holding the bundles", "MiB", Some(Target::Below(512.0)));
     let mut rss = Row::new("memory", "RSS once all are stored", "MiB", None);
     let mut disk = Row::new("memory", "sled directory after graceful stop", "MiB", None);
@@ -133,7 +129,7 @@ pub async fn recovery(opts: Opts, held: Option<Held>) -> anyhow::Result<Vec<Row>
     let mut replay_row = Row::new("recovery", "records read again before the new one", "records", None);
     for run in 0..opts.runs {
         // One new chat, produced before the start: stored once hookd has caught up.
-        let (b, t) = (held.tansu.bootstrap.clone(), held.topic.clone());
+        let (b, t) = (held.kafka.bootstrap.clone(), held.topic.clone());
         let (chat, base_ms) = (format!("probe-{run}"), held.base_ms);
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let p = LoadProducer::new(&b, 0)?;

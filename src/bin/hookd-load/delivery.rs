@@ -1,5 +1,5 @@
-//! Delivery scenarios, each run on a fresh broker (tansu `memory://`: every reader starts at
-//! the beginning in a new group) with hookd in this process and the harness's receiver:
+//! Delivery scenarios, each run on a fresh broker (every reader starts at the beginning in a
+//! new group) with hookd in this process and the harness's receiver:
 //! - `passthrough`: 200,000 CRM events, one subscription each out of 100 (five dialects,
 //!   signed), all waiting on the broker before hookd starts; distinct deliveries received
 //!   per second, first receipt to last.
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hookd::window::clock::{Clock, ManualClock, SystemClock};
 
-use crate::broker::{self, LoadProducer, Rec, Tansu};
+use crate::broker::{self, Kafka, LoadProducer, Rec};
 use crate::daemon::{self, until, InProcess};
 use crate::ingest::BASE_MS;
 use crate::receiver::{now_us, Receiver};
@@ -26,11 +26,11 @@ use crate::Opts;
 const SUBSCRIPTIONS: usize = 100;
 
 /// A fresh broker with hookd's topics, in a temporary directory.
-async fn fresh_broker(opts: Opts, dir: &std::path::Path) -> anyhow::Result<(Tansu, hookd::config::Config)> {
-    let tansu = Tansu::start(opts.storage, &dir.join("broker"))?;
-    let setup = daemon::config(opts, &tansu.bootstrap, "setup", &dir.join("setup"), "")?;
+async fn fresh_broker(opts: Opts, dir: &std::path::Path) -> anyhow::Result<(Kafka, hookd::config::Config)> {
+    let kafka = Kafka::start(&dir.join("broker"))?;
+    let setup = daemon::config(opts, &kafka.bootstrap, "setup", &dir.join("setup"), "")?;
     hookd::kafka::ensure_topics(&setup).await?;
-    Ok((tansu, setup))
+    Ok((kafka, setup))
 }
 
 /// Produces CRM events `from..to` (tenant `i % SUBSCRIPTIONS`), all at once.
@@ -59,13 +59,13 @@ pub async fn passthrough(opts: Opts) -> anyhow::Result<Vec<Row>> {
     let mut row = Row::new("passthrough", "deliveries received", "deliveries/s", Some(Target::AtLeast(10_000.0)));
     for run in 0..opts.runs {
         let dir = tempfile::Builder::new().prefix("hookd-load-pass-").tempdir()?;
-        let (tansu, setup) = fresh_broker(opts, dir.path()).await?;
-        let (b, t) = (tansu.bootstrap.clone(), setup.topics.crm_events.clone());
+        let (kafka, setup) = fresh_broker(opts, dir.path()).await?;
+        let (b, t) = (kafka.bootstrap.clone(), setup.topics.crm_events.clone());
         tokio::task::spawn_blocking(move || produce_events(&b, &t, 0, n)).await??;
         receiver.reset();
         let config = daemon::config(
             opts,
-            &tansu.bootstrap,
+            &kafka.bootstrap,
             "hookd-pass",
             &dir.path().join("state"),
             &workload::crm_subscriptions(SUBSCRIPTIONS, addr),
@@ -75,7 +75,7 @@ pub async fn passthrough(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let got = receiver.wait_distinct(n as u64, timeout, Duration::from_secs(30)).await;
         let note = notes(&d);
         let closed = d.stop().await?;
-        drop(tansu);
+        drop(kafka);
         daemon::remove_dir(dir, closed);
         let s = got?;
         let rate = n as f64 / (s.last.zip(s.first).map(|(l, f)| l - f).unwrap_or_default()).as_secs_f64().max(1e-9);
@@ -97,11 +97,11 @@ pub async fn latency(opts: Opts) -> anyhow::Result<Vec<Row>> {
     let mut bare99 = Row::new("latency", "bare consumer, one broker hop: p99", "ms", None);
     for run in 0..opts.runs {
         let dir = tempfile::Builder::new().prefix("hookd-load-lat-").tempdir()?;
-        let (tansu, setup) = fresh_broker(opts, dir.path()).await?;
+        let (kafka, setup) = fresh_broker(opts, dir.path()).await?;
         receiver.reset();
         let config = daemon::config(
             opts,
-            &tansu.bootstrap,
+            &kafka.bootstrap,
             "hookd-lat",
             &dir.path().join("state"),
             &workload::crm_subscriptions(SUBSCRIPTIONS, addr),
@@ -114,18 +114,18 @@ pub async fn latency(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let bare = tokio::task::spawn_blocking(move || broker::bare_latency(&c, &format!("bare-lat-{run}"), &t, n, &j, deadline));
         // Warm-up: group joined, partitions assigned, connections to the receiver open.
         let warm = 2 * SUBSCRIPTIONS;
-        let (b, t) = (tansu.bootstrap.clone(), setup.topics.crm_events.clone());
+        let (b, t) = (kafka.bootstrap.clone(), setup.topics.crm_events.clone());
         tokio::task::spawn_blocking(move || produce_events(&b, &t, 10_000_000, 10_000_000 + warm)).await??;
         receiver.wait_distinct(warm as u64, Duration::from_secs(60), Duration::from_secs(30)).await?;
         until(Duration::from_secs(60), "the bare consumer's partitions", || joined.load(Ordering::Relaxed)).await?;
         receiver.reset();
-        let (b, t) = (tansu.bootstrap.clone(), setup.topics.crm_events.clone());
+        let (b, t) = (kafka.bootstrap.clone(), setup.topics.crm_events.clone());
         let paced = tokio::task::spawn_blocking(move || paced(&b, &t, n, per_sec));
         let got = receiver.wait_distinct(n as u64, Duration::from_secs_f64(secs + 60.0), Duration::from_secs(30)).await;
         paced.await??;
         let note = notes(&d);
         let closed = d.stop().await?;
-        drop(tansu);
+        drop(kafka);
         daemon::remove_dir(dir, closed);
         got?;
         let l = receiver.latencies_us();
@@ -185,15 +185,15 @@ pub async fn flush(opts: Opts) -> anyhow::Result<Vec<Row>> {
     let mut row = Row::new("flush", "bundles delivered", "bundles/s", None);
     for run in 0..opts.runs {
         let dir = tempfile::Builder::new().prefix("hookd-load-flush-").tempdir()?;
-        let (tansu, setup) = fresh_broker(opts, dir.path()).await?;
+        let (kafka, setup) = fresh_broker(opts, dir.path()).await?;
         let partitions = setup.kafka.partitions;
-        let (b, t, l) = (tansu.bootstrap.clone(), setup.topics.chat_messages.clone(), load.clone());
+        let (b, t, l) = (kafka.bootstrap.clone(), setup.topics.chat_messages.clone(), load.clone());
         // Sentinels 5 h later: their windows stay open when the clock jumps.
         tokio::task::spawn_blocking(move || broker::load_chat(&b, &t, &l, partitions, BASE_MS + 5 * HOUR_MS)).await??;
         receiver.reset();
         let clock = Arc::new(ManualClock::new(BASE_MS));
         let subs = workload::chat_subscriptions(SUBSCRIPTIONS, "1h", addr);
-        let config = daemon::config(opts, &tansu.bootstrap, "hookd-flush", &dir.path().join("state"), &subs)?;
+        let config = daemon::config(opts, &kafka.bootstrap, "hookd-flush", &dir.path().join("state"), &subs)?;
         let grace_ms = config.chat.grace_ms as i64;
         let d = InProcess::start(config, clock.clone() as Arc<dyn Clock>).await?;
         let expected = (bundles + partitions as usize) as i64;
@@ -212,7 +212,7 @@ pub async fn flush(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let note = notes(&d);
         let emitted = d.shared.metrics.bundles_emitted.get();
         let closed = d.stop().await?;
-        drop(tansu);
+        drop(kafka);
         daemon::remove_dir(dir, closed);
         let s = got?;
         let rate = bundles as f64 / (s.last.map_or(0.0, |l| (l - jump).as_secs_f64())).max(1e-9);

@@ -18,7 +18,7 @@ use std::time::Duration;
 use hookd::window::clock::ManualClock;
 use hookd::window::store::WindowStore;
 
-use crate::broker::{self, Tansu};
+use crate::broker::{self, Kafka};
 use crate::daemon::{self, until, InProcess};
 use crate::report::{Row, Target};
 use crate::workload::{self, ChatLoad, HOUR_MS};
@@ -36,13 +36,13 @@ pub fn load(opts: Opts) -> ChatLoad {
 
 pub async fn broker(opts: Opts) -> anyhow::Result<Vec<Row>> {
     let dir = tempfile::Builder::new().prefix("hookd-load-ingest-").tempdir()?;
-    let tansu = Tansu::start(opts.storage, &dir.path().join("broker"))?;
+    let kafka = Kafka::start(&dir.path().join("broker"))?;
     let load = load(opts);
-    let setup = daemon::config(opts, &tansu.bootstrap, "setup", &dir.path().join("setup"), "")?;
+    let setup = daemon::config(opts, &kafka.bootstrap, "setup", &dir.path().join("setup"), "")?;
     hookd::kafka::ensure_topics(&setup).await?;
     let partitions = setup.kafka.partitions;
     let topic = setup.topics.chat_messages.clone();
-    let (bootstrap, l, t) = (tansu.bootstrap.clone(), load.clone(), topic.clone());
+    let (bootstrap, l, t) = (kafka.bootstrap.clone(), load.clone(), topic.clone());
     let (last, total) = tokio::task::spawn_blocking(move || broker::load_chat(&bootstrap, &t, &l, partitions, BASE_MS)).await??;
     let expected = load.bundles(HOUR_MS) + partitions as usize;
     eprintln!("    {total} messages, {} chats, {expected} bundles (with {partitions} sentinels)", load.chats());
@@ -56,14 +56,14 @@ pub async fn broker(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let state = dir.path().join(format!("state-{run}"));
         let group = format!("hookd-ingest-{run}");
         let subs = workload::chat_subscriptions(1, "1h", "127.0.0.1:9".parse()?);
-        let config = daemon::config(opts, &tansu.bootstrap, &group, &state, &subs)?;
+        let config = daemon::config(opts, &kafka.bootstrap, &group, &state, &subs)?;
         let d = InProcess::start(config, Arc::new(ManualClock::new(BASE_MS))).await?;
         let timeout = Duration::from_secs(120) + Duration::from_secs_f64(total as f64 / 2_000.0);
         let first = until(timeout, "hookd's first record", || d.consumed("chat") > 0).await?;
         let end = until(timeout, "every record in the window store", || d.open_bundles() >= expected as i64).await?;
         let rate = total as f64 / (end - first).as_secs_f64();
         if d.stop().await? {
-            verify(&tansu.bootstrap, &group, &topic, &state, &last)?;
+            verify(&kafka.bootstrap, &group, &topic, &state, &last)?;
         } else {
             closed = false;
             eprintln!("    note: run {run} not verified: hookd still holds its sled database");
@@ -73,7 +73,7 @@ pub async fn broker(opts: Opts) -> anyhow::Result<Vec<Row>> {
         bare_row.values.push(bare);
         ratio_row.values.push(rate / bare);
     }
-    drop(tansu);
+    drop(kafka);
     daemon::remove_dir(dir, closed);
     Ok(vec![hookd_row, bare_row, ratio_row])
 }

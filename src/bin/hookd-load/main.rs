@@ -1,4 +1,4 @@
-//! `hookd-load`: the load harness. Starts the broker a scenario needs (a tansu process), runs
+//! `hookd-load`: the load harness. Starts the broker a scenario needs (an Apache Kafka process, `scripts/kafka`), runs
 //! hookd against a fast local receiver, and prints the median of several runs per figure.
 //!
 //! ```sh
@@ -11,7 +11,7 @@
 //! never on timings. Figures and how they are bounded: `docs/PERFORMANCE.md`.
 //!
 //! Layout:
-//! - [`broker`]: the tansu process, topic creation, bulk and paced producers, the bare consumer.
+//! - [`broker`]: the Apache Kafka process, topic creation, bulk and paced producers, the bare consumer.
 //! - [`receiver`]: the webhook receiver (keep-alive, answers 200 at once, counts and times).
 //! - [`daemon`]: hookd in this process or as a child process (`hookd-load serve`), config,
 //!   metrics, resident memory.
@@ -56,10 +56,6 @@ struct Cli {
     /// Scales every scenario's size (records, bundles, seconds); 0.01 makes a smoke run.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// tansu's storage engine: `memory` (fast; every reader here starts at the beginning)
-    /// or `sqlite` (a file; correct offsets anywhere, slower).
-    #[arg(long, value_enum, default_value = "memory")]
-    storage: broker::Storage,
     /// A librdkafka property for hookd's clients (and the bare consumer), as
     /// `KEY=VALUE` under `[kafka.librdkafka]`; repeatable. Default: none (hookd's defaults).
     #[arg(long = "rdkafka", value_name = "KEY=VALUE")]
@@ -105,7 +101,6 @@ pub enum Scenario {
 pub struct Opts {
     pub runs: usize,
     pub scale: f64,
-    pub storage: broker::Storage,
     /// `--rdkafka` properties as TOML lines for `[kafka.librdkafka]`.
     pub rdkafka: &'static str,
     /// `--set` settings, one `dotted.key=value` a line.
@@ -155,7 +150,7 @@ fn main() -> anyhow::Result<()> {
     }
     let rdkafka: &'static str = Box::leak(rdkafka.into_boxed_str());
     let settings: &'static str = Box::leak(cli.set.iter().map(|s| format!("{s}\n")).collect::<String>().into_boxed_str());
-    let opts = Opts { runs: cli.runs, scale: cli.scale, storage: cli.storage, rdkafka, settings };
+    let opts = Opts { runs: cli.runs, scale: cli.scale, rdkafka, settings };
     daemon::config(opts, "127.0.0.1:9", "check", std::path::Path::new("unused"), "")?; // bad --set fails here
     let machine = report::Machine::probe();
     eprintln!("{machine}");
@@ -173,7 +168,7 @@ fn main() -> anyhow::Result<()> {
     println!("{machine}");
     let rdkafka = if cli.rdkafka.is_empty() { "hookd's defaults".to_string() } else { cli.rdkafka.join(" ") };
     let set = if cli.set.is_empty() { String::new() } else { format!("  hookd config: {}", cli.set.join(" ")) };
-    println!("runs: {}  scale: {}  broker: tansu {:?}  librdkafka: {rdkafka}{set}\n", opts.runs, opts.scale, opts.storage);
+    println!("runs: {}  scale: {}  broker: Apache Kafka {}  librdkafka: {rdkafka}{set}\n", opts.runs, opts.scale, broker::kafka_version());
     print!("{table}");
     Ok(())
 }
