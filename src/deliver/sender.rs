@@ -145,7 +145,10 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
             Some(origin) = done_rx.recv() => state.finished(&ctx, &consumer, origin),
             m = consumer.recv(), if can_read => match m {
                 Ok(msg) => state.on_message(&ctx, &tasks, &msg),
-                Err(error) => tracing::warn!(%error, "Sender consumer error."),
+                Err(error) => {
+                    shared.metrics.kafka_errors.with_label_values(&["sender"]).inc();
+                    tracing::warn!(%error, "Sender consumer error.");
+                }
             },
             _ = tick.tick() => state.on_tick(&ctx, &tasks, &consumer).await,
         }

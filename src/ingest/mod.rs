@@ -352,7 +352,10 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
             Some(done) = done_rx.recv() => s.on_done(&consumer, done),
             m = consumer.recv(), if can_read => match m {
                 Ok(msg) => s.on_message(&msg),
-                Err(error) => tracing::warn!(%error, "Ingest consumer error."),
+                Err(error) => {
+                    shared.metrics.kafka_errors.with_label_values(&["ingest"]).inc();
+                    tracing::warn!(%error, "Ingest consumer error.");
+                }
             },
             _ = batch_tick.tick() => s.apply_batch(),
             _ = close_tick.tick() => {

@@ -42,6 +42,10 @@ pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>, dialects: &Dialects) -> 
 async fn assign_all(consumer: &StreamConsumer, topic: &str) -> Result<Vec<(i32, i64)>, rdkafka::error::KafkaError> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if let Some(code) = md.topics().iter().find_map(|t| t.error()).filter(|_| partitions.is_empty()) {
+        // Not (yet) in the broker's metadata: just created, or not created at all.
+        return Err(rdkafka::error::KafkaError::MetadataFetch(code.into()));
+    }
     let mut tpl = TopicPartitionList::new();
     let mut ends = Vec::new();
     for p in partitions {
@@ -55,6 +59,32 @@ async fn assign_all(consumer: &StreamConsumer, topic: &str) -> Result<Vec<(i32, 
     Ok(ends)
 }
 
+/// [`assign_all`] until it succeeds or `shutdown`: right after the topic was created its
+/// partitions may have no leader yet (`NotLeaderForPartition`, `LeaderNotAvailable`), and a
+/// broker may be restarting. Each failure is logged and counted; None means shutdown.
+async fn assign_with_retry(
+    shared: &Shared,
+    consumer: &StreamConsumer,
+    topic: &str,
+    shutdown: &CancellationToken,
+) -> Option<Vec<(i32, i64)>> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match assign_all(consumer, topic).await {
+            Ok(ends) => return Some(ends),
+            Err(error) => {
+                shared.metrics.kafka_errors.with_label_values(&["subscriptions"]).inc();
+                tracing::warn!(%error, topic, retry_in_ms = backoff.as_millis() as u64, "Subscriptions topic not readable yet; retrying.");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Reads the topic until `shutdown`; fires `loaded` once the start-up read is complete.
 pub async fn run(shared: Arc<Shared>, loaded: tokio::sync::oneshot::Sender<()>, shutdown: CancellationToken) -> Result<(), crate::Error> {
     let config = &shared.config;
@@ -64,7 +94,7 @@ pub async fn run(shared: Arc<Shared>, loaded: tokio::sync::oneshot::Sender<()>, 
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
     let consumer: StreamConsumer = cc.create()?;
-    let mut remaining = assign_all(&consumer, &topic).await?;
+    let Some(mut remaining) = assign_with_retry(&shared, &consumer, &topic, &shutdown).await else { return Ok(()) };
     let mut loaded = Some(loaded);
     let mut batch = Vec::new();
     loop {
@@ -83,6 +113,7 @@ pub async fn run(shared: Arc<Shared>, loaded: tokio::sync::oneshot::Sender<()>, 
         let msg = match msg {
             Ok(m) => m,
             Err(error) => {
+                shared.metrics.kafka_errors.with_label_values(&["subscriptions"]).inc();
                 tracing::warn!(%error, topic, "Subscriptions read failed.");
                 continue;
             }

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub endpoint_disables: IntCounter,
     /// Admin API requests by `outcome` (ok, unauthorized, bad_request, not_found, error).
     pub admin_requests: IntCounterVec,
+    /// Kafka client errors a stage logged and rode out, by `stage` (ingest, sender,
+    /// subscriptions); each is also a `warn` log line.
+    pub kafka_errors: IntCounterVec,
 }
 
 fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
@@ -132,6 +135,7 @@ impl Metrics {
                 &["source"],
             ),
             chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
+            kafka_errors: counter(&r, "hookd_kafka_errors_total", "Kafka client errors ridden out (logged), by stage", &["stage"]),
             registry: r,
         }
     }

@@ -24,10 +24,11 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// An Apache Kafka broker process (`scripts/kafka run DIR`, which execs the JVM), killed on
-/// drop.
+/// drop; `stop` and `resume` restart it on the same port and data (the `chaos` scenario).
 pub struct Kafka {
     pub bootstrap: String,
-    child: Child,
+    /// The JVM (`scripts/kafka run` execs it); None between `stop` and `resume`.
+    child: Option<Child>,
     dir: PathBuf,
     /// How long the start took, JVM start and KRaft format included.
     pub started_in: Duration,
@@ -44,31 +45,56 @@ impl Kafka {
         let prepared = Command::new(script()).arg("prepare").arg(dir).stdin(Stdio::null()).output()?;
         anyhow::ensure!(prepared.status.success(), "scripts/kafka prepare failed: {}", String::from_utf8_lossy(&prepared.stderr));
         let port = String::from_utf8_lossy(&prepared.stdout).trim().to_owned();
-        let log = OpenOptions::new().create(true).append(true).open(dir.join("stdout.log"))?;
-        let child = Command::new(script())
-            .arg("run")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {} run", script().display()))?;
-        let mut k = Kafka { bootstrap: format!("127.0.0.1:{port}"), child, dir: dir.to_path_buf(), started_in: Duration::ZERO };
-        k.wait_ready()?;
+        let mut k = Kafka { bootstrap: format!("127.0.0.1:{port}"), child: None, dir: dir.to_path_buf(), started_in: Duration::ZERO };
+        k.launch()?;
         k.started_in = t0.elapsed();
         eprintln!("    Apache Kafka on {} started in {:.1} s", k.bootstrap, k.started_in.as_secs_f64());
         Ok(k)
     }
 
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
+    /// Stops the broker: SIGKILL (a crash) or SIGTERM (a clean shutdown), and waits.
+    pub fn stop(&mut self, crash: bool) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        if crash {
+            child.kill()?;
+        } else {
+            let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+            anyhow::ensure!(sent.success(), "kill -TERM {} failed", child.id());
+        }
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the broker again after `stop`, on the same port with the same data.
+    pub fn resume(&mut self) -> anyhow::Result<Duration> {
+        anyhow::ensure!(self.child.is_none(), "the broker is running");
+        let t0 = Instant::now();
+        self.launch()?;
+        Ok(t0.elapsed())
+    }
+
+    /// Spawns `scripts/kafka run DIR` and waits until this launch logged its start and the
+    /// broker answers a metadata request.
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let log_path = self.dir.join("broker.log");
+        let starts = |p: &Path| std::fs::read_to_string(p).map_or(0, |t| t.matches("Kafka Server started").count());
+        let before = starts(&log_path);
+        let log = OpenOptions::new().create(true).append(true).open(self.dir.join("stdout.log"))?;
+        let child = Command::new(script())
+            .arg("run")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {} run", script().display()))?;
+        let child = self.child.insert(child);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let log = self.dir.join("broker.log");
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = child.try_wait()? {
                 bail!("the Kafka broker exited with {status}; logs in {}", self.dir.display());
             }
-            let started = std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Kafka Server started"));
-            if started && metadata_answered(&self.bootstrap) {
+            if starts(&log_path) > before && metadata_answered(&self.bootstrap) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -81,8 +107,10 @@ impl Kafka {
 
 impl Drop for Kafka {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -150,15 +178,23 @@ pub struct Rec<'a> {
 impl LoadProducer {
     /// `linger_ms` 0 for the latency scenario, larger for bulk loading.
     pub fn new(bootstrap: &str, linger_ms: u32) -> anyhow::Result<Self> {
-        let inner = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+        Self::with(bootstrap, linger_ms, &[])
+    }
+
+    /// [`Self::new`] with extra librdkafka properties (e.g. a longer `message.timeout.ms` to
+    /// ride out broker restarts).
+    pub fn with(bootstrap: &str, linger_ms: u32, extra: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", bootstrap)
             .set("linger.ms", linger_ms.to_string())
             .set("compression.type", "lz4")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "200000")
-            .set("message.timeout.ms", "60000")
-            .create_with_context(Acks::default())?;
-        Ok(Self { inner })
+            .set("message.timeout.ms", "60000");
+        for (k, v) in extra {
+            c.set(*k, *v);
+        }
+        Ok(Self { inner: c.create_with_context(Acks::default())? })
     }
 
     /// Connects and loads `topic`'s metadata, so the first timed record does not wait for

@@ -196,6 +196,13 @@ impl ChildDaemon {
         Ok(kib / 1024.0)
     }
 
+    /// SIGKILL (a crash: nothing is flushed or committed) and wait.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// SIGTERM (graceful: in-flight work finished, sled flushed, offsets committed) and wait.
     pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<()> {
         let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;

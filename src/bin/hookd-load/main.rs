@@ -20,6 +20,7 @@
 //! - [`ingest_core`]: `ingest-core`, the chat pipeline in process without a broker.
 //! - [`delivery`]: `passthrough`, `latency` and `flush`.
 //! - [`bundles`]: `memory` and `recovery` (a child process holding 1,000,000 open bundles).
+//! - [`chaos`]: `chaos`, faults and malformed input under mixed load (docs/RELIABILITY.md).
 //! - [`report`]: the machine, the table, medians.
 
 /// mimalloc instead of glibc's malloc: sled and the JSON path allocate per message, and
@@ -29,6 +30,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod broker;
 mod bundles;
+mod chaos;
 mod daemon;
 mod delivery;
 mod ingest;
@@ -92,7 +94,9 @@ pub enum Scenario {
     Memory,
     /// Restart with those bundles open: seconds until ready and consuming.
     Recovery,
-    /// Every scenario above.
+    /// Mixed load with SIGKILLs, broker restarts and malformed records: nothing lost.
+    Chaos,
+    /// Every scenario above but `chaos` (a reliability run, not a figure of speed).
     All,
 }
 
@@ -190,6 +194,7 @@ async fn run(opts: Opts, scenarios: Vec<Scenario>, table: &mut report::Table) ->
                 rows
             }
             Scenario::Recovery => bundles::recovery(opts, held.take()).await?,
+            Scenario::Chaos => chaos::run(opts).await?,
             Scenario::All => unreachable!("expanded above"),
         };
         for row in &rows {

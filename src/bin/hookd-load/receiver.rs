@@ -33,10 +33,14 @@ struct Counts {
     latencies_us: Vec<u64>,
 }
 
+/// Called with each request's `webhook-id` and body (the `chaos` scenario's bookkeeping).
+pub type Inspector = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
+
 /// What the receiver has seen; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Receiver {
     counts: Arc<Mutex<Counts>>,
+    inspect: Option<Inspector>,
 }
 
 /// A copy of the counts at one moment.
@@ -50,7 +54,12 @@ pub struct Snapshot {
 impl Receiver {
     /// Starts the receiver; returns it and its address. It runs until the process exits.
     pub fn start() -> anyhow::Result<(Self, SocketAddr)> {
-        let receiver = Receiver::default();
+        Self::start_inspecting(None)
+    }
+
+    /// [`Self::start`], handing every request to `inspect` as well.
+    pub fn start_inspecting(inspect: Option<Inspector>) -> anyhow::Result<(Self, SocketAddr)> {
+        let receiver = Receiver { inspect, ..Receiver::default() };
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -105,6 +114,9 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
     let sent = stamp(&body);
     let received_us = now_us();
     let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    if let Some(inspect) = &r.inspect {
+        inspect(&id, &body);
+    }
     let mut c = r.counts.lock().expect("receiver poisoned");
     c.requests += 1;
     c.first.get_or_insert(at);
