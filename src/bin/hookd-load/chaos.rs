@@ -104,8 +104,10 @@ fn malformed(n: u64) -> Vec<u8> {
         2 => br#"{"id":"x","tenant":["t0"],"type":5,"occurred_at":"yesterday","data":1}"#.to_vec(),
         3 => br#"{"id":"","tenant":"","type":"","occurred_at":0,"data":{}}"#.to_vec(),
         4 => Vec::new(),
-        _ => format!(r#"{{"id":"big{n}","tenant":"t0","type":"contact.created","occurred_at":1,"data":{{"s":"{}"}}}}"#, "a".repeat(300_000))
-            .into_bytes(),
+        _ => {
+            format!(r#"{{"id":"big{n}","tenant":"t0","type":"contact.created","occurred_at":1,"data":{{"s":"{}"}}}}"#, "a".repeat(300_000))
+                .into_bytes()
+        }
     }
 }
 
@@ -168,7 +170,10 @@ fn read_dlq(bootstrap: &str, topic: &str) -> anyhow::Result<(HashSet<(String, i3
         let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else { continue };
         at.insert(m.partition(), m.offset() + 1);
         let header = |name: &str| {
-            m.headers().and_then(|h| h.iter().find(|h| h.key == name)).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+            m.headers()
+                .and_then(|h| h.iter().find(|h| h.key == name))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
         };
         if header("hookd-dlq-stage").as_deref() != Some("ingest") {
             other += 1;
