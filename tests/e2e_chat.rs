@@ -17,43 +17,11 @@ use serde_json::{json, Value};
 const CHATS: usize = 200;
 const MESSAGES: usize = 1200;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn write_config(dir: &Path, brokers: &str, topics: &Topics, url: &str, admin_port: u16) -> std::path::PathBuf {
-    let path = dir.join("hookd.toml");
-    let text = format!(
-        r#"[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-create_topics = false
-commit_interval_ms = 200
-session_timeout_ms = 6000
-[state]
-path = "{}"
-[admin]
-listen = "127.0.0.1:{admin_port}"
-token = "t"
-[delivery]
-allow_private_targets = ["127.0.0.0/8"]
-[chat]
-grace_ms = 500
-[shutdown]
-grace_ms = 5000
-[[subscription]]
-id = "bundles"
-tenant = "ws"
-source = "chat"
-aggregation = "4s"
-url = "{url}"
-{topics_toml}"#,
-        dir.join("state").display(),
-        group = topics.group_id,
-        topics_toml = topics.toml(),
+    let extra = format!(
+        "[chat]\ngrace_ms = 500\n[[subscription]]\nid = \"bundles\"\ntenant = \"ws\"\nsource = \"chat\"\naggregation = \"4s\"\nurl = \"{url}\"\n"
     );
-    std::fs::write(&path, text).unwrap();
-    path
+    write_e2e_config(dir, brokers, topics, admin_port, "", &extra)
 }
 
 async fn publish(brokers: &str, topics: &Topics) {

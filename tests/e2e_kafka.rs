@@ -19,38 +19,10 @@ use common::*;
 use serde_json::json;
 
 fn write_config(dir: &Path, brokers: &str, topics: &Topics, url: &str) -> std::path::PathBuf {
-    let path = dir.join("hookd.toml");
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin = free_port();
     std::fs::write(dir.join("admin-port"), admin.to_string()).unwrap();
-    let text = format!(
-        r#"[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-create_topics = false
-commit_interval_ms = 200
-session_timeout_ms = 6000
-[state]
-path = "{}"
-[admin]
-listen = "127.0.0.1:{admin}"
-token = "t"
-[delivery]
-allow_private_targets = ["127.0.0.0/8"]
-per_subscription_concurrency = 4
-[shutdown]
-grace_ms = 5000
-[[subscription]]
-id = "e2e"
-tenant = "t"
-url = "{url}"
-dialect = "standard"
-{topics_toml}"#,
-        dir.join("state").display(),
-        group = topics.group_id,
-        topics_toml = topics.toml(),
-    );
-    std::fs::write(&path, text).unwrap();
-    path
+    let sub = format!("[[subscription]]\nid = \"e2e\"\ntenant = \"t\"\nurl = \"{url}\"\ndialect = \"standard\"\n");
+    write_e2e_config(dir, brokers, topics, admin, "per_subscription_concurrency = 4", &sub)
 }
 
 /// Event number → set of webhook-ids seen for it, and the total number of requests.
@@ -108,23 +80,37 @@ async fn publish(brokers: &str, topics: &Topics, n: u64) {
     futures::future::join_all(sends).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
+/// A first `hookd` process working through `n` events of its own topics.
+struct Run {
+    rx: Receiver,
+    dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
+    first: std::process::Child,
+}
+
+/// Publishes `n` events on fresh topics, starts `hookd` and waits until `delivered` requests
+/// arrived.
+async fn start_run(name: &str, n: u64, delivered: usize) -> Run {
     let broker = Kafka::shared();
-    let topics = Topics::unique("kill");
+    let topics = Topics::unique(name);
     topics.create(&broker.bootstrap, 3);
     let rx = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &broker.bootstrap, &topics, &rx.url("/e2e"));
-    const N: u64 = 3000;
-    publish(&broker.bootstrap, &topics, N).await;
-
-    let mut first = spawn_hookd(&cfg, &dir.path().join("run1.log"));
+    publish(&broker.bootstrap, &topics, n).await;
+    let first = spawn_hookd(&cfg, &dir.path().join("run1.log"));
     wait_until(Duration::from_secs(300), "a first share of deliveries", || {
-        let n = rx.requests().len();
-        async move { n >= 300 }
+        let got = rx.requests().len();
+        async move { got >= delivered }
     })
     .await;
+    Run { rx, dir, cfg, first }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
+    const N: u64 = 3000;
+    let Run { rx, dir, cfg, mut first } = start_run("kill", N, 300).await;
     first.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
     first.wait().unwrap();
     let at_kill = rx.requests().len();
@@ -147,20 +133,8 @@ async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_and_restart_continues() {
-    let broker = Kafka::shared();
-    let topics = Topics::unique("term");
-    topics.create(&broker.bootstrap, 3);
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &broker.bootstrap, &topics, &rx.url("/e2e"));
     const N: u64 = 1000;
-    publish(&broker.bootstrap, &topics, N).await;
-    let mut first = spawn_hookd(&cfg, &dir.path().join("run1.log"));
-    wait_until(Duration::from_secs(300), "some deliveries", || {
-        let n = rx.requests().len();
-        async move { n >= 100 }
-    })
-    .await;
+    let Run { rx, dir, cfg, mut first } = start_run("term", N, 100).await;
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     let status = first.wait().unwrap();
     assert!(status.success(), "SIGTERM exits 0, got {status}");

@@ -136,6 +136,51 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     h.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// Writes `dir/hookd.toml` for the `hookd` binary on a real broker: `topics`' names and group
+/// (topics created by the test), state in `dir/state`, admin on `admin_port`, loopback targets
+/// allowed, fast commits, a 6 s session and a 5 s grace. `delivery` adds lines to `[delivery]`;
+/// `extra` adds tables (subscriptions, `[chat]`).
+pub fn write_e2e_config(
+    dir: &std::path::Path,
+    brokers: &str,
+    topics: &kafka::Topics,
+    admin_port: u16,
+    delivery: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("hookd.toml");
+    let text = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+create_topics = false
+commit_interval_ms = 200
+session_timeout_ms = 6000
+[state]
+path = "{state}"
+[admin]
+listen = "127.0.0.1:{admin_port}"
+token = "t"
+[delivery]
+allow_private_targets = ["127.0.0.0/8"]
+{delivery}
+[shutdown]
+grace_ms = 5000
+{extra}
+{topics_toml}"#,
+        group = topics.group_id,
+        state = dir.join("state").display(),
+        topics_toml = topics.toml(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Starts the `hookd` binary with `run --config <config>`, its log in `log`
 /// (`HOOKD_E2E_LOG` sets `RUST_LOG`, default `info`).
 pub fn spawn_hookd(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
