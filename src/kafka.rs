@@ -62,9 +62,14 @@ pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
 /// Creates hookd's topics when missing. Existing topics are left as they are.
 pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
-    let md = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
-    let existing: std::collections::HashSet<&str> =
-        md.topics().iter().filter(|t| t.error().is_none() && !t.partitions().is_empty()).map(|t| t.name()).collect();
+    // A metadata request blocks its thread (up to 10 s): on a blocking thread, not a worker.
+    let (admin, existing) = tokio::task::spawn_blocking(move || {
+        let existing = existing_topics(admin.inner());
+        (admin, existing)
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?;
+    let existing = existing?;
     let t = &config.topics;
     let (parts, rf) = (config.kafka.partitions, config.kafka.replication_factor);
     let plain = [&t.crm_events, &t.chat_messages, &t.deliveries, &t.retry, &t.dlq, &t.notifications];
@@ -86,6 +91,14 @@ pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
         }
     }
     Ok(())
+}
+
+/// Names of the topics the cluster has (with partitions). Blocks: call it off the runtime.
+fn existing_topics<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+) -> Result<std::collections::HashSet<String>, KafkaError> {
+    let md = client.fetch_metadata(None, Duration::from_secs(10))?;
+    Ok(md.topics().iter().filter(|t| t.error().is_none() && !t.partitions().is_empty()).map(|t| t.name().to_string()).collect())
 }
 
 /// Where a record came from, for dead letters and logs.
@@ -246,7 +259,7 @@ impl TrackingContext {
         if settled.is_empty() {
             return;
         }
-        let committed = match consumer.committed_offsets(wanted, Duration::from_secs(10)) {
+        let committed = match outside_worker(|| consumer.committed_offsets(wanted, Duration::from_secs(10))) {
             Ok(c) => c,
             Err(error) => return tracing::warn!(%error, "Committed offsets unreadable; resuming from them (replay)."),
         };
@@ -259,6 +272,20 @@ impl TrackingContext {
                 resumed.push(Resumed { topic: tp.0, partition: tp.1, committed, settled: pos });
             }
         }
+    }
+}
+
+/// Runs `f`, which blocks, from a consumer callback. librdkafka invokes the rebalance callback
+/// synchronously inside the poll that `StreamConsumer::recv` makes, i.e. on a tokio worker;
+/// on the multi-thread runtime `block_in_place` first hands that worker's other tasks to
+/// another thread, so only the task polling this consumer waits (it cannot go on before the
+/// assignment anyway). Without a runtime, or on a current-thread one (where `block_in_place`
+/// would panic and there is no other thread to move to), `f` just runs.
+fn outside_worker<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -124,7 +124,11 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
             tracing::warn!(%error, "Could not create topics; expecting them to exist.");
         }
     }
-    let (park, wiped) = ParkStore::open_with_cache(&config.state.path, config.state.cache_mb << 20)?;
+    // Opening may wait up to 5 s for the directory's lock and counts the parked retries: off
+    // the runtime's workers.
+    let (path, cache_bytes) = (config.state.path.clone(), config.state.cache_mb << 20);
+    let opened = tokio::task::spawn_blocking(move || ParkStore::open_with_cache(&path, cache_bytes));
+    let (park, wiped) = opened.await.map_err(|_| Error::Stage("state store"))??;
     if wiped {
         metrics.state_wipes.inc();
     }
@@ -166,7 +170,9 @@ async fn supervise(shared: Arc<Shared>, park: ParkStore, stop: CancellationToken
             result = finish(r);
         }
     }
-    shared.producer.flush(std::time::Duration::from_secs(5)).ok();
+    let producer = shared.producer.clone();
+    // Waits up to 5 s for the broker's acknowledgements: on a blocking thread.
+    let _ = tokio::task::spawn_blocking(move || producer.flush(std::time::Duration::from_secs(5))).await;
     if let Err(error) = shared.endpoints.flush_logs() {
         tracing::error!(%error, "Writing the endpoint logs at shutdown failed.");
     }

@@ -17,6 +17,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod park;
 pub mod record;
+mod schedule;
 mod sender;
 pub mod signature;
 pub mod ssrf;

@@ -15,8 +15,14 @@
 //! is assigned the partition at the settled position (nothing below it is read again);
 //! records at or below the checkpoint are still skipped should they be read. With the store
 //! lost, the consumer replays from the committed position and parks them again.
+//!
+//! Writes come from one task at a time (the sender loop, or a blocking task it awaits), so
+//! the count of parked deliveries is kept exactly beside the tree instead of being counted
+//! by a scan: it is counted once at open and moved by every park, remove and drop.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use sled::{Batch, Tree};
 
@@ -35,6 +41,9 @@ pub struct Parked {
 pub struct ParkStore {
     db: sled::Db,
     tree: Tree,
+    /// Parked deliveries (`s` keys): counted at open, then kept by the writers, so the
+    /// `hookd_retry_queue_depth` gauge never needs a scan of the tree.
+    parked: Arc<AtomicUsize>,
 }
 
 fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, bool), sled::Error> {
@@ -96,6 +105,11 @@ fn settled_key(partition: i32) -> [u8; 5] {
     partition_key(b'f', partition)
 }
 
+/// Parked deliveries counted by a scan of the `s` keys (once, at open).
+fn count_parked(tree: &Tree) -> usize {
+    tree.scan_prefix([b's']).count()
+}
+
 fn be_i64(v: &[u8]) -> i64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&v[..8]);
@@ -115,21 +129,32 @@ impl ParkStore {
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<(Self, bool), sled::Error> {
         let (db, wiped) = open_db(dir, cache_bytes)?;
         let tree = db.open_tree("retry")?;
-        Ok((Self { db, tree }, wiped))
+        let parked = Arc::new(AtomicUsize::new(count_parked(&tree)));
+        Ok((Self { db, tree, parked }, wiped))
     }
 
-    /// Parks records of one partition and moves its checkpoint, atomically.
+    /// Parks records of one partition and moves its checkpoint, atomically. A record parked
+    /// already (same partition and offset) is replaced, not counted twice.
     pub fn park(&self, partition: i32, items: &[(i64, DeliveryRecord)]) -> Result<(), sled::Error> {
         let Some(max) = items.iter().map(|(o, _)| *o).max() else { return Ok(()) };
         let mut b = Batch::default();
+        let mut fresh = std::collections::HashSet::new();
         for (offset, record) in items {
+            match self.parked_due(partition, *offset)? {
+                Some(old) => b.remove(&due_key(old, partition, *offset)),
+                None => {
+                    fresh.insert(*offset);
+                }
+            }
             b.insert(&due_key(record.not_before_ms, partition, *offset), record.encode());
             b.insert(&src_key(partition, *offset), &(record.not_before_ms.max(0) as u64).to_be_bytes());
         }
         if self.checkpoint(partition)?.is_none_or(|c| c < max) {
             b.insert(&ckpt_key(partition), &(max as u64).to_be_bytes());
         }
-        self.tree.apply_batch(b)
+        self.tree.apply_batch(b)?;
+        self.parked.fetch_add(fresh.len(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Highest offset of `partition` already applied to this store.
@@ -152,17 +177,26 @@ impl ParkStore {
         Ok(self.tree.get(settled_key(partition))?.map(|v| be_i64(&v)))
     }
 
-    /// Up to `limit` parked deliveries due at `now_ms`, earliest first.
-    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Parked>, sled::Error> {
+    /// Up to `limit` parked deliveries due at `now_ms`, earliest first, passing over those
+    /// for which `skip(partition, offset)` holds (in flight, or of a partition not assigned):
+    /// they are not decoded and do not count toward `limit`, so rows that cannot be started
+    /// never hide the ones behind them.
+    pub fn due(&self, now_ms: i64, limit: usize, mut skip: impl FnMut(i32, i64) -> bool) -> Result<Vec<Parked>, sled::Error> {
         let end = due_key(now_ms, i32::MAX, i64::MAX);
         let mut out = Vec::new();
-        for kv in self.tree.range(&[b'p'][..]..=&end[..]).take(limit) {
+        for kv in self.tree.range(&[b'p'][..]..=&end[..]) {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = kv?;
-            let partition = u32::from_be_bytes([k[9], k[10], k[11], k[12]]) as i32;
+            let (partition, offset) = (u32::from_be_bytes([k[9], k[10], k[11], k[12]]) as i32, be_i64(&k[13..]));
+            if skip(partition, offset) {
+                continue;
+            }
             match DeliveryRecord::decode(&v) {
-                Ok(record) => out.push(Parked { partition, offset: be_i64(&k[13..]), due_ms: be_i64(&k[1..]), record }),
+                Ok(record) => out.push(Parked { partition, offset, due_ms: be_i64(&k[1..]), record }),
                 Err(error) => {
-                    tracing::error!(%error, "Unreadable parked delivery removed.");
+                    tracing::error!(%error, partition, offset, "Unreadable parked delivery removed.");
                     self.tree.remove(k)?;
                 }
             }
@@ -176,21 +210,34 @@ impl ParkStore {
         Ok(first.map(|(k, _)| be_i64(&k[1..])))
     }
 
-    /// Removes a finished delivery.
-    pub fn remove(&self, p: &Parked) -> Result<(), sled::Error> {
+    /// Removes a finished delivery. Returns false when it was not parked (any more): its
+    /// partition was dropped meanwhile.
+    pub fn remove(&self, p: &Parked) -> Result<bool, sled::Error> {
+        let Some(due) = self.parked_due(p.partition, p.offset)? else { return Ok(false) };
         let mut b = Batch::default();
-        b.remove(&due_key(p.due_ms, p.partition, p.offset));
+        b.remove(&due_key(due, p.partition, p.offset));
         b.remove(&src_key(p.partition, p.offset));
-        self.tree.apply_batch(b)
+        self.tree.apply_batch(b)?;
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
     }
 
-    /// Moves a parked delivery to a later time (subscription disabled or busy).
-    pub fn reschedule(&self, p: &Parked, due_ms: i64) -> Result<(), sled::Error> {
+    /// Moves a parked delivery to a later time (subscription disabled or busy). Returns false,
+    /// and parks nothing, when it is not parked any more (its partition was dropped meanwhile):
+    /// a put-off delivery never brings back a row its partition's new owner is responsible for.
+    pub fn reschedule(&self, p: &Parked, due_ms: i64) -> Result<bool, sled::Error> {
+        let Some(old) = self.parked_due(p.partition, p.offset)? else { return Ok(false) };
         let mut b = Batch::default();
-        b.remove(&due_key(p.due_ms, p.partition, p.offset));
+        b.remove(&due_key(old, p.partition, p.offset));
         b.insert(&due_key(due_ms, p.partition, p.offset), p.record.encode());
         b.insert(&src_key(p.partition, p.offset), &(due_ms.max(0) as u64).to_be_bytes());
-        self.tree.apply_batch(b)
+        self.tree.apply_batch(b)?;
+        Ok(true)
+    }
+
+    /// The due time a parked delivery is stored under (its `s` entry), if it is parked.
+    fn parked_due(&self, partition: i32, offset: i64) -> Result<Option<i64>, sled::Error> {
+        Ok(self.tree.get(src_key(partition, offset))?.map(|v| be_i64(&v)))
     }
 
     /// The offset of `partition` that may be committed: the smallest parked source offset,
@@ -205,6 +252,7 @@ impl ParkStore {
     }
 
     /// Forgets a partition given to another instance (it replays from the committed position).
+    /// A scan of the partition's rows: run it off the async runtime (`spawn_blocking`).
     pub fn drop_partition(&self, partition: i32) -> Result<usize, sled::Error> {
         let mut prefix = vec![b's'];
         prefix.extend_from_slice(&(partition as u32).to_be_bytes());
@@ -219,16 +267,17 @@ impl ParkStore {
         b.remove(&ckpt_key(partition));
         b.remove(&settled_key(partition));
         self.tree.apply_batch(b)?;
+        self.parked.fetch_sub(n, Ordering::Relaxed);
         Ok(n)
     }
 
-    /// Parked deliveries.
+    /// Parked deliveries: the maintained count, no scan.
     pub fn len(&self) -> usize {
-        self.tree.scan_prefix([b's']).count()
+        self.parked.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tree.scan_prefix([b's']).next().is_none()
+        self.len() == 0
     }
 
     pub async fn flush(&self) -> Result<(), sled::Error> {
@@ -242,110 +291,4 @@ impl ParkStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kafka::SourceRef;
-
-    fn rec(due: i64) -> DeliveryRecord {
-        DeliveryRecord {
-            id: format!("msg_{due}"),
-            subscription_id: "s".into(),
-            tenant: "t".into(),
-            event_name: "e".into(),
-            attempt: 2,
-            not_before_ms: due,
-            created_ms: 0,
-            content_type: "application/json".into(),
-            body: b"{}".to_vec(),
-            headers: vec![],
-            last_error: None,
-            source: SourceRef { topic: "crm.events".into(), partition: 0, offset: 0 },
-        }
-    }
-
-    #[test]
-    fn due_order_position_and_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, wiped) = ParkStore::open(dir.path()).unwrap();
-        assert!(!wiped);
-        s.park(0, &[(5, rec(300)), (6, rec(100)), (7, rec(200))]).unwrap();
-        s.park(1, &[(2, rec(50))]).unwrap();
-        assert_eq!(s.checkpoint(0).unwrap(), Some(7));
-        assert_eq!(s.next_due_ms().unwrap(), Some(50));
-        let due: Vec<(i32, i64)> = s.due(200, 10).unwrap().iter().map(|p| (p.partition, p.offset)).collect();
-        assert_eq!(due, vec![(1, 2), (0, 6), (0, 7)]);
-        assert_eq!(s.position(0).unwrap(), Some(5));
-        let first = s.due(1000, 10).unwrap().into_iter().find(|p| p.offset == 5).unwrap();
-        s.remove(&first).unwrap();
-        assert_eq!(s.position(0).unwrap(), Some(6));
-        for p in s.due(1000, 10).unwrap().into_iter().filter(|p| p.partition == 0) {
-            s.remove(&p).unwrap();
-        }
-        assert_eq!(s.position(0).unwrap(), Some(8), "nothing parked: one past the checkpoint");
-        assert_eq!(s.len(), 1);
-    }
-
-    #[test]
-    fn reschedule_and_drop_partition() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _) = ParkStore::open(dir.path()).unwrap();
-        s.park(3, &[(1, rec(10)), (2, rec(20))]).unwrap();
-        let p = s.due(10, 1).unwrap().remove(0);
-        s.reschedule(&p, 500).unwrap();
-        assert_eq!(s.next_due_ms().unwrap(), Some(20));
-        assert_eq!(s.position(3).unwrap(), Some(1));
-        assert_eq!(s.drop_partition(3).unwrap(), 2);
-        assert!(s.is_empty());
-        assert_eq!(s.next_due_ms().unwrap(), None);
-        assert_eq!(s.checkpoint(3).unwrap(), None);
-    }
-
-    #[test]
-    fn settled_position_forward_only_survives_reopen_dropped_with_partition() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (s, _) = ParkStore::open(dir.path()).unwrap();
-            s.park(0, &[(4, rec(10))]).unwrap();
-            s.park(1, &[(9, rec(10))]).unwrap();
-            assert_eq!(s.settled(0).unwrap(), None, "parking alone settles nothing");
-            assert!(s.set_settled(0, 5).unwrap());
-            assert!(!s.set_settled(0, 3).unwrap(), "never backwards");
-            assert!(s.set_settled(1, 10).unwrap());
-            assert_eq!(
-                s.tree.get([b'f', 0, 0, 0, 0]).unwrap().as_deref(),
-                Some(&5u64.to_be_bytes()[..]),
-                "`f` partition(u32 BE) -> u64 BE"
-            );
-            assert_eq!((s.len(), s.position(0).unwrap()), (2, Some(4)), "not a parked delivery, not the watermark");
-            s.db.flush().unwrap();
-        }
-        let (s, _) = ParkStore::open(dir.path()).unwrap();
-        assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(5), Some(10)));
-        s.drop_partition(1).unwrap();
-        assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(5), None));
-        assert_eq!(s.due(i64::MAX, 10).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn survives_reopen_and_wipes_garbage() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (s, _) = ParkStore::open(dir.path()).unwrap();
-            s.park(0, &[(9, rec(1))]).unwrap();
-            s.db.flush().unwrap();
-        }
-        let (s, wiped) = ParkStore::open(dir.path()).unwrap();
-        assert!(!wiped);
-        assert_eq!(s.checkpoint(0).unwrap(), Some(9));
-        let locked = ParkStore::open(dir.path());
-        assert!(locked.is_err_and(|e| e.to_string().contains("locked by another process")), "a locked store is never wiped");
-        assert_eq!(s.checkpoint(0).unwrap(), Some(9), "and its data is intact");
-        drop(s);
-        let bad = tempfile::tempdir().unwrap();
-        std::fs::write(bad.path().join("conf"), b"\xff\xfe garbage").unwrap();
-        std::fs::write(bad.path().join("db"), b"not a sled file at all").unwrap();
-        let (s, wiped) = ParkStore::open(bad.path()).unwrap();
-        assert!(wiped, "garbage store is wiped");
-        assert!(s.is_empty());
-    }
-}
+mod tests;

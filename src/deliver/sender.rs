@@ -15,6 +15,7 @@ use super::backoff::{retry_delay, RetryAfterBounds};
 use super::http::{HttpConfig, HttpSender, OutboundRequest};
 use super::park::{ParkStore, Parked};
 use super::record::DeliveryRecord;
+use super::schedule::Schedule;
 use super::signature;
 use crate::ingest::offsets::{OffsetTracker, Tp};
 use crate::kafka::{
@@ -30,8 +31,9 @@ enum Origin {
     Live(Tp, i64),
     /// A parked delivery of the retry store, finished: remove it.
     Parked(Parked),
-    /// A parked delivery put off to a later time: only release its in-flight mark.
-    Release(i32, i64),
+    /// A parked delivery put off to `due_ms` (`busy`: its subscription is full): the loop
+    /// moves it in the store and releases its in-flight mark. Only the loop writes the store.
+    PutOff { parked: Parked, due_ms: i64, busy: bool },
 }
 
 /// Per-subscription limits: one slow or busy customer server cannot take every connection.
@@ -127,18 +129,19 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     shared.ready.sender.store(true, Ordering::Relaxed);
     loop {
-        for tp in log.revoked.lock().expect("rebalance log poisoned").drain(..) {
-            state.revoke(&ctx, &tp);
+        let revoked: Vec<Tp> = log.revoked.lock().expect("rebalance log poisoned").drain(..).collect();
+        if !revoked.is_empty() {
+            state.revoke(&ctx, revoked).await;
         }
         for tp in log.assigned.lock().expect("rebalance log poisoned").drain(..) {
             if tp.0 == config.topics.retry {
-                state.retry_partitions.insert(tp.1);
+                state.schedule.assign(tp.1);
             }
         }
         for r in log.resumed.lock().expect("rebalance log poisoned").drain(..) {
             shared.metrics.resume_skipped.with_label_values(&["retry"]).inc_by((r.settled - r.committed) as u64);
         }
-        let can_read = state.tracker.pending() + state.in_flight_parked.len() < d.max_in_flight * 4;
+        let can_read = state.tracker.pending() + state.schedule.in_flight() < d.max_in_flight * 4;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -174,17 +177,22 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     state.record_settled(&ctx, settled);
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
-    crate::kafka::final_commit(&consumer, "sender");
+    // The synchronous commit and the consumer's close (leaving the group) block: off the runtime.
+    let closed = tokio::task::spawn_blocking(move || {
+        crate::kafka::final_commit(&consumer, "sender");
+        drop(consumer);
+    });
+    if let Err(error) = closed.await {
+        tracing::error!(%error, "Closing the sender consumer failed.");
+    }
     Ok(())
 }
 
 #[derive(Default)]
 struct LoopState {
     tracker: OffsetTracker,
-    /// Parked deliveries being sent now, so the scheduler does not start them twice.
-    in_flight_parked: HashSet<(i32, i64)>,
-    /// Retry partitions assigned to us; only their parked deliveries are sent.
-    retry_partitions: HashSet<i32>,
+    /// Parked deliveries in flight and retry partitions assigned: which due ones a tick starts.
+    schedule: Schedule,
     /// Retry partitions whose position may have moved since the last store.
     retry_dirty: HashSet<i32>,
     /// Parks written since the last sled flush.
@@ -192,21 +200,40 @@ struct LoopState {
 }
 
 impl LoopState {
-    fn revoke(&mut self, ctx: &Ctx, tp: &Tp) {
-        self.tracker.revoke(tp);
-        if tp.0 == ctx.shared.config.topics.retry {
-            self.retry_partitions.remove(&tp.1);
-            self.retry_dirty.remove(&tp.1);
-            match ctx.park.drop_partition(tp.1) {
-                Ok(n) => tracing::info!(
-                    partition = tp.1,
-                    parked = n,
-                    "Retry partition revoked; its parked deliveries are left to the new owner."
-                ),
-                Err(error) => tracing::error!(%error, "Dropping a revoked partition from the retry store failed."),
+    /// Forgets revoked partitions. A retry partition's parked rows are dropped by a scan, on
+    /// a blocking thread; the loop waits for it, so nothing else writes the store meanwhile
+    /// and a partition assigned again is read only once its old rows are gone.
+    async fn revoke(&mut self, ctx: &Ctx, revoked: Vec<Tp>) {
+        let mut dropped = Vec::new();
+        for tp in revoked {
+            self.tracker.revoke(&tp);
+            if tp.0 == ctx.shared.config.topics.retry {
+                self.schedule.revoke(tp.1);
+                self.retry_dirty.remove(&tp.1);
+                dropped.push(tp.1);
             }
-            ctx.shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
         }
+        if dropped.is_empty() {
+            return;
+        }
+        let park = ctx.park.clone();
+        let results = tokio::task::spawn_blocking(move || dropped.into_iter().map(|p| (p, park.drop_partition(p))).collect::<Vec<_>>());
+        match results.await {
+            Ok(results) => {
+                for (partition, result) in results {
+                    match result {
+                        Ok(n) => tracing::info!(
+                            partition,
+                            parked = n,
+                            "Retry partition revoked; its parked deliveries are left to the new owner."
+                        ),
+                        Err(error) => tracing::error!(%error, partition, "Dropping a revoked partition from the retry store failed."),
+                    }
+                }
+            }
+            Err(error) => tracing::error!(%error, "Dropping revoked partitions from the retry store failed."),
+        }
+        ctx.shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
     }
 
     fn on_message(&mut self, ctx: &Arc<Ctx>, tasks: &TaskTracker, msg: &BorrowedMessage<'_>) {
@@ -247,7 +274,7 @@ impl LoopState {
                 self.tracker.finish(&tp, source.offset);
                 self.unflushed = true;
                 self.retry_dirty.insert(source.partition);
-                ctx.shared.metrics.retry_queue_depth.inc();
+                ctx.shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
             }
             Err(reason) => {
                 let origin = Origin::Live(tp, source.offset);
@@ -268,17 +295,30 @@ impl LoopState {
                     store(consumer, &tp, pos);
                 }
             }
-            Origin::Release(partition, offset) => {
-                self.in_flight_parked.remove(&(partition, offset));
-            }
+            Origin::PutOff { parked, due_ms, busy } => self.put_off(ctx, parked, due_ms, busy),
             Origin::Parked(p) => {
-                self.in_flight_parked.remove(&(p.partition, p.offset));
+                self.schedule.release(&p);
                 if let Err(error) = ctx.park.remove(&p) {
                     tracing::error!(%error, "Removing a finished delivery from the retry store failed.");
                 }
-                ctx.shared.metrics.retry_queue_depth.dec();
+                ctx.shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
                 self.retry_dirty.insert(p.partition);
             }
+        }
+    }
+
+    /// Moves a put-off parked delivery to its new time (a busy one spread, see `schedule`),
+    /// unless its partition was dropped meanwhile, and lets a later tick start it again.
+    fn put_off(&mut self, ctx: &Ctx, parked: Parked, due_ms: i64, busy: bool) {
+        self.schedule.release(&parked);
+        let d = &ctx.shared.config.delivery;
+        let due_ms = if busy {
+            self.schedule.busy_due(&parked.record.subscription_id, due_ms, d.per_subscription_queue + d.per_subscription_overflow)
+        } else {
+            due_ms
+        };
+        if let Err(error) = ctx.park.reschedule(&parked, due_ms) {
+            tracing::error!(%error, "Rescheduling a parked delivery failed.");
         }
     }
 
@@ -312,14 +352,11 @@ impl LoopState {
         }
         self.record_settled(ctx, settled);
         self.store_parked_positions(ctx, consumer);
-        let due = match ctx.park.due(now_ms(), 1024) {
+        let due = match self.schedule.take_due(&ctx.park, now_ms()) {
             Ok(d) => d,
             Err(error) => return tracing::error!(%error, "Reading the retry store failed."),
         };
         for p in due {
-            if !self.retry_partitions.contains(&p.partition) || !self.in_flight_parked.insert((p.partition, p.offset)) {
-                continue;
-            }
             dispatch(ctx, tasks, p.record.clone(), Origin::Parked(p));
         }
     }
@@ -378,9 +415,8 @@ fn dispatch(ctx: &Arc<Ctx>, tasks: &TaskTracker, record: DeliveryRecord, origin:
         let reason = format!("subscription `{}` no longer exists", record.subscription_id);
         let source = match &origin {
             Origin::Live(tp, o) => SourceRef { topic: tp.0.clone(), partition: tp.1, offset: *o },
-            Origin::Parked(p) => SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: p.partition, offset: p.offset },
-            Origin::Release(partition, offset) => {
-                SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: *partition, offset: *offset }
+            Origin::Parked(p) | Origin::PutOff { parked: p, .. } => {
+                SourceRef { topic: ctx.shared.config.topics.retry.clone(), partition: p.partition, offset: p.offset }
             }
         };
         return spawn_dead_letter(ctx, tasks, record.encode(), reason, source, Some(record.subscription_id), origin);
@@ -440,19 +476,17 @@ async fn take_turn(state: &SubState, wait: Option<Duration>) -> Turn<'_> {
     acquired.map_or(Turn::Stopped, Turn::Go)
 }
 
-/// Defers a record: parked ones move later in the store, live ones go to the retry topic
-/// with the same attempt number.
+/// Defers a record: parked ones are moved later in the store by the loop (`Origin::PutOff`),
+/// live ones go to the retry topic with the same attempt number.
 fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin: Origin, reason: &'static str) {
-    let wait_ms = if reason == "busy" { 1_000 } else { 15_000 };
+    let busy = reason == "busy";
+    let wait_ms = if busy { 1_000 } else { 15_000 };
     ctx.shared.metrics.deliveries_deferred.with_label_values(&[reason]).inc();
     match origin {
-        Origin::Parked(p) => {
-            if let Err(error) = ctx.park.reschedule(&p, now_ms() + wait_ms) {
-                tracing::error!(%error, "Rescheduling a parked delivery failed.");
-            }
-            let _ = ctx.done.send(Origin::Release(p.partition, p.offset));
+        Origin::Parked(parked) => {
+            let _ = ctx.done.send(Origin::PutOff { parked, due_ms: now_ms() + wait_ms, busy });
         }
-        Origin::Release(..) => {}
+        Origin::PutOff { .. } => {}
         Origin::Live(..) => {
             record.not_before_ms = now_ms() + wait_ms;
             let ctx = ctx.clone();

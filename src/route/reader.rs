@@ -39,7 +39,14 @@ pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>, dialects: &Dialects) -> 
 }
 
 /// Assigns every partition of the topic from the beginning; returns each partition's end.
-async fn assign_all(consumer: &StreamConsumer, topic: &str) -> Result<Vec<(i32, i64)>, rdkafka::error::KafkaError> {
+/// The metadata and watermark requests block their thread (up to 10 s each), so this runs on
+/// a blocking thread, not a runtime worker.
+async fn assign_all(consumer: &Arc<StreamConsumer>, topic: &str) -> Result<Vec<(i32, i64)>, rdkafka::error::KafkaError> {
+    let (consumer, topic) = (consumer.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || assign_all_blocking(&consumer, &topic)).await.map_err(|_| rdkafka::error::KafkaError::Canceled)?
+}
+
+fn assign_all_blocking(consumer: &StreamConsumer, topic: &str) -> Result<Vec<(i32, i64)>, rdkafka::error::KafkaError> {
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
     if let Some(code) = md.topics().iter().find_map(|t| t.error()).filter(|_| partitions.is_empty()) {
@@ -64,7 +71,7 @@ async fn assign_all(consumer: &StreamConsumer, topic: &str) -> Result<Vec<(i32, 
 /// broker may be restarting. Each failure is logged and counted; None means shutdown.
 async fn assign_with_retry(
     shared: &Shared,
-    consumer: &StreamConsumer,
+    consumer: &Arc<StreamConsumer>,
     topic: &str,
     shutdown: &CancellationToken,
 ) -> Option<Vec<(i32, i64)>> {
@@ -93,7 +100,7 @@ pub async fn run(shared: Arc<Shared>, loaded: tokio::sync::oneshot::Sender<()>, 
     cc.set("group.id", format!("{}.subscriptions", config.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
-    let consumer: StreamConsumer = cc.create()?;
+    let consumer: Arc<StreamConsumer> = Arc::new(cc.create()?);
     let Some(mut remaining) = assign_with_retry(&shared, &consumer, &topic, &shutdown).await else { return Ok(()) };
     let mut loaded = Some(loaded);
     let mut batch = Vec::new();
