@@ -290,6 +290,10 @@ async fn replay_resends_failed_deliveries_and_the_api_checks_token_and_input() {
     for path in ["/api/subscriptions", "/api/subscriptions/{id}/replay", "/api/subscriptions/{id}/requests"] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
+    for action in ["enable", "disable", "replay"] {
+        let answers = &doc["paths"][format!("/api/subscriptions/{{id}}/{action}")]["post"]["responses"];
+        assert!(answers["503"].is_object(), "openapi lacks the 503 of {action}: {answers}");
+    }
     stop.cancel();
     daemon.wait().await.unwrap();
 }
