@@ -156,11 +156,16 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token of the admin API (metrics and health are open).
     pub token: String,
+    /// How long an admin call that writes to Kafka (enable, disable, replay) waits for the
+    /// broker's acknowledgement before it answers 503. It is the admin producer's
+    /// `message.timeout.ms`, so a record not acknowledged in time is dropped by librdkafka,
+    /// not written later behind the caller's back.
+    pub produce_timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9464".parse().expect("literal address"), token: "change-me".into() }
+        Self { listen: "127.0.0.1:9464".parse().expect("literal address"), token: "change-me".into(), produce_timeout_ms: 10_000 }
     }
 }
 
@@ -319,6 +324,10 @@ impl Config {
         if self.admin.token.is_empty() {
             return Err(invalid("admin.token must not be empty".into()));
         }
+        if self.admin.produce_timeout_ms == 0 || self.admin.produce_timeout_ms > i32::MAX as u64 {
+            // 0 would be librdkafka's "no timeout": the admin API would hang again.
+            return Err(invalid("admin.produce_timeout_ms must be between 1 and 2147483647".into()));
+        }
         crate::deliver::ssrf::TargetPolicy::new(&self.delivery.allow_private_targets)
             .map_err(|e| invalid(format!("delivery.allow_private_targets: {e}")))?;
         let d = &self.delivery;
@@ -375,6 +384,7 @@ allow_private_targets = []
         assert_eq!(c.kafka.partitions, 6);
         assert_eq!(c.topics.dlq, "hookd.dlq");
         assert_eq!(c.delivery.request_timeout_ms, 10_000);
+        assert_eq!(c.admin.produce_timeout_ms, 10_000);
         assert!(c.subscription.is_empty());
     }
 
@@ -393,6 +403,8 @@ allow_private_targets = []
         let dup =
             "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\n[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://y/\"\n";
         assert!(Config::parse(dup).unwrap_err().to_string().contains("twice"));
+        let no_timeout = Config::parse("[admin]\nproduce_timeout_ms = 0\n").unwrap_err().to_string();
+        assert!(no_timeout.contains("admin.produce_timeout_ms"), "{no_timeout}");
         let bad_dialect = "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\ndialect=\"nope\"\n";
         assert!(Config::parse(bad_dialect).unwrap_err().to_string().contains("nope"));
     }

@@ -82,6 +82,11 @@ pub struct Shared {
     pub metrics: Metrics,
     /// One idempotent producer for deliveries, retries and dead letters.
     pub producer: FutureProducer,
+    /// The admin API's producer, bounded by `admin.produce_timeout_ms` ([`deliver::publish`]).
+    pub admin_producer: FutureProducer,
+    /// Admin work that writes to Kafka, run apart from the request that started it so a client
+    /// that goes away cannot cut it short; waited for when the admin server stops.
+    pub admin_tasks: tokio_util::task::TaskTracker,
     pub ready: Ready,
     /// Wall clock of window closing; tests supply a manual one.
     pub clock: Arc<dyn window::clock::Clock>,
@@ -133,9 +138,12 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
         metrics.state_wipes.inc();
     }
     let producer = kafka::producer(&config)?;
+    let admin_producer = deliver::publish::admin_producer(&config)?;
     let endpoints = endpoint::EndpointStore::open(park.db())?;
     let registry = Registry::new(&config.subscription);
-    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, ready: Ready::default(), clock, endpoints });
+    let admin_tasks = tokio_util::task::TaskTracker::new();
+    let ready = Ready::default();
+    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, admin_producer, admin_tasks, ready, clock, endpoints });
     let (admin, server) = admin::serve(shared.clone(), shutdown.clone()).await?;
     tracing::info!(listen = %admin, "Admin server listening.");
     let stages = supervise(shared.clone(), park, shutdown);

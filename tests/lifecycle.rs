@@ -1,54 +1,16 @@
 //! Endpoint lifecycle and the admin API on the mock cluster with a real receiver:
-//! verification handshake, auto-disable with a notification, parking while disabled, logs
-//! that survive a restart, replay, the token, and per-endpoint limits.
+//! verification handshake, auto-disable with a notification (once, with the subscription as it
+//! is now; at once on 410 Gone), parking while disabled, logs that survive a restart, replay,
+//! the token, and per-endpoint limits.
 
 mod common;
 
 use std::time::Duration;
 
+use common::api::{Api, TOKEN};
 use common::receiver::{Mode, Receiver};
 use common::*;
 use serde_json::{json, Value};
-
-const TOKEN: &str = "t";
-
-struct Api {
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Api {
-    fn new(daemon: &hookd::Running) -> Self {
-        Self { base: format!("http://{}", daemon.admin), client: reqwest::Client::new() }
-    }
-
-    async fn call(&self, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value, reqwest::header::HeaderMap) {
-        let mut req = self.client.request(method.parse().unwrap(), format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), headers)
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (status, v, _) = self.call("GET", path, None, Some(TOKEN)).await;
-        assert_eq!(status, 200, "GET {path}: {v}");
-        v
-    }
-
-    async fn post(&self, path: &str, body: Option<Value>) -> Value {
-        let (status, v, _) = self.call("POST", path, body, Some(TOKEN)).await;
-        assert_eq!(status, 200, "POST {path}: {v}");
-        v
-    }
-}
 
 fn event(i: usize, tenant: &str) -> String {
     crm_event(&format!("e{i}"), tenant, "contact.created", json!({"customer": {"id": i}}))
@@ -181,7 +143,7 @@ async fn consecutive_failures_disable_the_endpoint_notify_the_owner_and_park_unt
     let actions: Vec<&str> = activity.as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     assert_eq!(actions[0], "delivered", "newest first: {actions:?}");
     assert!(actions.contains(&"enabled") && actions.contains(&"disabled"), "{actions:?}");
-    assert!(daemon.shared.metrics.render().contains("hookd_endpoint_disables_total 1"));
+    assert!(daemon.shared.metrics.render().contains("hookd_endpoint_disables_total{cause=\"failures\"} 1"));
 
     // Logs survive a restart.
     drop(shared);
@@ -191,6 +153,97 @@ async fn consecutive_failures_disable_the_endpoint_notify_the_owner_and_park_unt
     let api = Api::new(&daemon);
     let again = api.get("/api/subscriptions/shaky/activity").await;
     assert_eq!(again.as_array().unwrap()[0]["action"], "delivered");
+    stop.cancel();
+    daemon.wait().await.unwrap();
+}
+
+/// The record of `topic` with this key, as JSON, in the order read (one partition per key).
+fn values_of(brokers: &str, topic: &str, key: &str, n: usize) -> Vec<(i32, Value)> {
+    read_topic(brokers, topic, n, Duration::from_secs(30))
+        .iter()
+        .filter(|m| rdkafka::Message::key(*m) == Some(key.as_bytes()))
+        .map(|m| (rdkafka::Message::partition(m), serde_json::from_slice(rdkafka::Message::payload(m).unwrap()).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failures_disable_once_and_publish_the_subscription_as_it_is_now() {
+    let (_mock, brokers) = mock_broker();
+    let (old, new) = (Receiver::start().await, Receiver::start().await);
+    old.set_mode(Mode::Stall);
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = config(&brokers, state.path(), "");
+    cfg.delivery.request_timeout_ms = 60_000;
+    let (daemon, stop) = start_daemon(cfg).await;
+    let p = producer(&brokers);
+    let sub = |url: String| {
+        let retry = json!({"delays_secs": [3600], "max_attempts": 5});
+        json!({"id": "racy", "tenant": "t", "url": url, "disable_after_failures": 1, "max_concurrency": 4, "retry": retry}).to_string()
+    };
+    produce(&p, "hookd.subscriptions", "racy", Some(&sub(old.url("/old")))).await;
+    let shared = daemon.shared.clone();
+    let url_is = |url: String| {
+        let shared = shared.clone();
+        move || {
+            let now = shared.registry.index().get("racy").map(|s| s.url.clone());
+            let want = url.clone();
+            async move { now == Some(want) }
+        }
+    };
+    wait_until(Duration::from_secs(20), "the subscription loaded", url_is(old.url("/old"))).await;
+    for i in 0..4 {
+        produce(&p, "crm.events", "t", Some(&event(i, "t"))).await;
+    }
+    old.wait_for(4, Duration::from_secs(30)).await;
+    // The owner fixes the URL while four requests to the old one are in flight.
+    produce(&p, "hookd.subscriptions", "racy", Some(&sub(new.url("/new")))).await;
+    wait_until(Duration::from_secs(20), "the new URL applied", url_is(new.url("/new"))).await;
+    old.stop().await; // the four fail together: counts 2, 3 and 4 are each past the threshold
+    let notes = values_of(&brokers, "hookd.notifications", "racy", 1);
+    assert_eq!((notes.len(), notes[0].1["type"].as_str(), notes[0].1["cause"].as_str()), (1, Some("endpoint.disabled"), Some("failures")));
+    wait_until(Duration::from_secs(30), "all four failures settled (their retries produced)", || {
+        let m = shared.metrics.render();
+        async move { m.contains("hookd_deliveries_total{outcome=\"retry\"} 4") }
+    })
+    .await;
+    // A marker behind any notice those failures produced: the records before it are all of them.
+    let marker: rdkafka::producer::FutureRecord<'_, str, str> =
+        rdkafka::producer::FutureRecord::to("hookd.notifications").key("racy").partition(notes[0].0).payload(r#"{"type": "test.marker"}"#);
+    p.send(marker, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let types: Vec<String> = values_of(&brokers, "hookd.notifications", "racy", 2).iter().map(|(_, v)| v["type"].to_string()).collect();
+    assert_eq!(types, [r#""endpoint.disabled""#, r#""test.marker""#], "exactly one notice for one disable");
+    let published = values_of(&brokers, "hookd.subscriptions", "racy", 3);
+    let last = &published.last().unwrap().1;
+    assert_eq!((last["enabled"].as_bool(), last["url"].as_str()), (Some(false), Some(new.url("/new").as_str())), "{published:?}");
+    let v = Api::new(&daemon).get("/api/subscriptions/racy").await;
+    assert_eq!((v["state"].as_str(), v["url"].as_str()), (Some("disabled"), Some(new.url("/new").as_str())));
+    assert!(shared.metrics.render().contains("hookd_endpoint_disables_total{cause=\"failures\"} 1"));
+    drop(shared);
+    stop.cancel();
+    daemon.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_the_endpoint_after_one_request_and_is_not_retried() {
+    let (_mock, brokers) = mock_broker();
+    let rx = Receiver::start().await;
+    rx.set_mode(Mode::Status(410));
+    let state = tempfile::tempdir().unwrap();
+    let subs = format!("[[subscription]]\nid = \"gone\"\ntenant = \"t\"\nurl = \"{}\"\nretry = {{ delays_secs = [1] }}\n", rx.url("/gone"));
+    let (daemon, stop) = start_daemon(config(&brokers, state.path(), &subs)).await;
+    produce(&producer(&brokers), "crm.events", "t", Some(&event(1, "t"))).await;
+    let notes = values_of(&brokers, "hookd.notifications", "gone", 1);
+    assert_eq!(notes.len(), 1, "disabled at the first 410, not after disable_after_failures (10)");
+    assert_eq!(notes[0].1["cause"], "gone");
+    let dlq = read_topic(&brokers, "hookd.dlq", 1, Duration::from_secs(30));
+    let reason = header(&dlq[0], "hookd-dlq-reason").unwrap();
+    assert!(reason.starts_with("gave up after 1 attempt(s)"), "not retried: {reason}");
+    assert_eq!(rx.requests().len(), 1);
+    let v = Api::new(&daemon).get("/api/subscriptions/gone").await;
+    assert_eq!((v["state"].as_str(), v["consecutive_failures"].as_u64()), (Some("disabled"), Some(1)));
+    assert!(v["disabled_reason"].as_str().unwrap().contains("410 Gone"), "{v}");
+    let m = daemon.shared.metrics.render();
+    assert!(m.contains("hookd_endpoint_disables_total{cause=\"gone\"} 1") && !m.contains("outcome=\"retry\""), "{m}");
     stop.cancel();
     daemon.wait().await.unwrap();
 }
@@ -236,6 +289,10 @@ async fn replay_resends_failed_deliveries_and_the_api_checks_token_and_input() {
     assert_eq!(s, 200);
     for path in ["/api/subscriptions", "/api/subscriptions/{id}/replay", "/api/subscriptions/{id}/requests"] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
+    }
+    for action in ["enable", "disable", "replay"] {
+        let answers = &doc["paths"][format!("/api/subscriptions/{{id}}/{action}")]["post"]["responses"];
+        assert!(answers["503"].is_object(), "openapi lacks the 503 of {action}: {answers}");
     }
     stop.cancel();
     daemon.wait().await.unwrap();

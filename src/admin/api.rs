@@ -6,7 +6,9 @@
 //! requests, downloadable as one JSON file, secrets redacted), enable, disable, and replay.
 //! Described by the OpenAPI document at `/openapi.json`, generated from these handlers.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -15,12 +17,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::deliver::lifecycle;
-use crate::deliver::record::DeliveryRecord;
-use crate::endpoint::{Action, Activity};
+use super::replay::{self, ReplayRequest};
+use crate::deliver::lifecycle::{self, ChangeError, DisableCause};
+use crate::deliver::publish::Via;
 use crate::route::subscription::Subscription;
 use crate::Shared;
 
@@ -30,7 +31,7 @@ pub struct ApiError {
     pub error: String,
 }
 
-pub struct Failure(StatusCode, String);
+pub struct Failure(pub(super) StatusCode, pub(super) String);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -42,8 +43,39 @@ fn not_found(id: &str) -> Failure {
     Failure(StatusCode::NOT_FOUND, format!("no subscription `{id}`"))
 }
 
-fn internal(e: impl std::fmt::Display) -> Failure {
+pub(super) fn internal(e: impl std::fmt::Display) -> Failure {
     Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// A change that did not reach Kafka: 503 when trying again later may work (Kafka did not
+/// acknowledge in time, or hookd is stopping), else 500. Logged here; counted by [`auth`].
+pub(super) fn not_written(what: &str, id: &str, error: ChangeError) -> Failure {
+    let unavailable = matches!(&error, ChangeError::Publish(e) if e.is_unavailable());
+    tracing::warn!(%error, subscription = id, what, "Admin call not done: Kafka did not take its record.");
+    let status = if unavailable { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::INTERNAL_SERVER_ERROR };
+    Failure(status, format!("{what} `{id}` not done: {error}"))
+}
+
+/// Runs admin work that writes to Kafka as a task of its own (tracked, waited for at shutdown).
+/// axum drops a handler's future when the client goes away; the task is not dropped with it,
+/// so the work finishes or fails as a whole, never half-way. Each write inside is bounded by
+/// `admin.produce_timeout_ms`; the answer waits for at most two of them plus a margin.
+pub(super) async fn detached<T: Send + 'static>(
+    s: &Shared,
+    what: &str,
+    work: impl Future<Output = Result<T, Failure>> + Send + 'static,
+) -> Result<T, Failure> {
+    let task = s.admin_tasks.spawn(work);
+    let bound = Duration::from_millis(s.config.admin.produce_timeout_ms) * 2 + Duration::from_secs(5);
+    match tokio::time::timeout(bound, task).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) => Err(internal(format!("{what} failed: {error}"))),
+        Err(_) => {
+            tracing::warn!(what, "Admin call still waiting for Kafka; answering 503, the work goes on.");
+            let m = format!("{what} still waiting for Kafka after {} ms; its outcome will show in the activity log", bound.as_millis());
+            Err(Failure(StatusCode::SERVICE_UNAVAILABLE, m))
+        }
+    }
 }
 
 /// A subscription as the API shows it: its settings (secrets left out) and its state.
@@ -77,7 +109,7 @@ fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339()).unwrap_or_default()
 }
 
-fn view(shared: &Shared, s: &Subscription) -> SubscriptionView {
+pub(super) fn view(shared: &Shared, s: &Subscription) -> SubscriptionView {
     let st = shared.endpoints.state(&s.id).unwrap_or_default();
     let state = match lifecycle::gate(shared, s) {
         None => "active",
@@ -107,7 +139,7 @@ fn view(shared: &Shared, s: &Subscription) -> SubscriptionView {
     }
 }
 
-fn find(shared: &Shared, id: &str) -> Result<Arc<Subscription>, Failure> {
+pub(super) fn find(shared: &Shared, id: &str) -> Result<Arc<Subscription>, Failure> {
     shared.registry.index().get(id).cloned().ok_or_else(|| not_found(id))
 }
 
@@ -168,11 +200,14 @@ pub struct Done {
     pub replayed: Option<usize>,
 }
 
-/// Enable a subscription (resets its failure count); parked deliveries resume.
-#[utoipa::path(post, path = "/api/subscriptions/{id}/enable", params(("id" = String, Path)), responses((status = 200, body = Done), (status = 404, body = ApiError)), security(("bearer" = [])))]
+/// Enable a subscription (resets its failure count); parked deliveries resume. Enabling an
+/// enabled subscription only resets the count.
+#[utoipa::path(post, path = "/api/subscriptions/{id}/enable", params(("id" = String, Path)), responses((status = 200, body = Done), (status = 404, body = ApiError), (status = 503, description = "Kafka did not acknowledge within `admin.produce_timeout_ms`; nothing changed", body = ApiError)), security(("bearer" = [])))]
 async fn enable(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Done>, Failure> {
-    let sub = find(&s, &id)?;
-    lifecycle::enable(&s, &sub, &CancellationToken::new()).await.map_err(internal)?;
+    find(&s, &id)?;
+    let (shared, sub) = (s.clone(), id.clone());
+    detached(&s, "enable", async move { lifecycle::enable(&shared, &sub, Via::Admin).await.map_err(|e| not_written("enable", &sub, e)) })
+        .await?;
     let now = find(&s, &id)?;
     Ok(Json(Done { subscription: id.clone(), state: view(&s, &now).state, replayed: None }))
 }
@@ -186,102 +221,29 @@ pub struct DisableRequest {
 }
 
 /// Disable a subscription: it receives nothing; its pending retries are parked, not lost.
-#[utoipa::path(post, path = "/api/subscriptions/{id}/disable", params(("id" = String, Path)), request_body(content = DisableRequest, description = "optional"), responses((status = 200, body = Done), (status = 400, body = ApiError), (status = 404, body = ApiError)), security(("bearer" = [])))]
+/// Disabling a disabled subscription changes nothing and sends no second notice.
+#[utoipa::path(post, path = "/api/subscriptions/{id}/disable", params(("id" = String, Path)), request_body(content = DisableRequest, description = "optional"), responses((status = 200, body = Done), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 503, description = "Kafka did not acknowledge within `admin.produce_timeout_ms`; nothing changed", body = ApiError)), security(("bearer" = [])))]
 async fn disable(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<Done>, Failure> {
-    let sub = find(&s, &id)?;
+    find(&s, &id)?;
     let req: DisableRequest = if body.is_empty() { DisableRequest::default() } else { parse(&body)? };
     let reason = req.reason.unwrap_or_else(|| "disabled by an operator".into());
-    lifecycle::disable(&s, &sub, &reason, &CancellationToken::new()).await;
+    let (shared, sub) = (s.clone(), id.clone());
+    detached(&s, "disable", async move {
+        lifecycle::disable(&shared, &sub, &reason, DisableCause::Operator, Via::Admin).await.map_err(|e| not_written("disable", &sub, e))
+    })
+    .await?;
     let now = find(&s, &id)?;
     Ok(Json(Done { subscription: id.clone(), state: view(&s, &now).state, replayed: None }))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(body).map_err(|e| Failure(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
-}
-
-/// Body of replay: exactly one of `delivery_id` and `since`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ReplayRequest {
-    /// Resend this delivery (its `webhook-id`), from the failed deliveries or the request log.
-    pub delivery_id: Option<String>,
-    /// Resend every failed delivery of the subscription since this RFC 3339 time.
-    pub since: Option<String>,
-}
-
-/// Resend one delivery, or every failed delivery since a time. Sends start at attempt 1.
-#[utoipa::path(post, path = "/api/subscriptions/{id}/replay", params(("id" = String, Path)), request_body = ReplayRequest, responses((status = 200, body = Done), (status = 400, body = ApiError), (status = 404, body = ApiError)), security(("bearer" = [])))]
-async fn replay(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<Done>, Failure> {
-    let sub = find(&s, &id)?;
-    let req: ReplayRequest = parse(&body)?;
-    let records = match (req.delivery_id, req.since) {
-        (Some(d), None) => vec![one_for_replay(&s, &sub, &d)?],
-        (None, Some(since)) => {
-            let t = chrono::DateTime::parse_from_rfc3339(&since)
-                .map_err(|e| Failure(StatusCode::BAD_REQUEST, format!("`since` is not an RFC 3339 time: {e}")))?;
-            let failed = s.endpoints.failed_since(&id, t.timestamp_millis()).map_err(internal)?;
-            let mut out = Vec::new();
-            for (delivery_id, _, bytes) in failed {
-                s.endpoints.take_failed(&id, &delivery_id).map_err(internal)?;
-                out.push(DeliveryRecord::decode(&bytes).map_err(internal)?);
-            }
-            out
-        }
-        _ => return Err(Failure(StatusCode::BAD_REQUEST, "give exactly one of `delivery_id` and `since`".into())),
-    };
-    let n = records.len();
-    let stop = CancellationToken::new();
-    for mut r in records {
-        r.attempt = 1;
-        r.not_before_ms = chrono::Utc::now().timestamp_millis();
-        r.last_error = None;
-        let topic = &s.config.topics.deliveries;
-        crate::kafka::produce_until_acked(&s.producer, topic, Some(id.as_bytes()), &r.encode(), None, &stop).await.map_err(internal)?;
-        let a = Activity { at_ms: r.not_before_ms, action: Action::Replayed, delivery_id: Some(r.id.clone()), attempt: None, detail: None };
-        s.endpoints.push_activity(&id, a).map_err(internal)?;
-    }
-    Ok(Json(Done { subscription: id.clone(), state: view(&s, &sub).state, replayed: Some(n) }))
-}
-
-/// A delivery to resend: from the failed deliveries, else rebuilt from the request log.
-fn one_for_replay(s: &Shared, sub: &Subscription, delivery_id: &str) -> Result<DeliveryRecord, Failure> {
-    if let Some(bytes) = s.endpoints.take_failed(&sub.id, delivery_id).map_err(internal)? {
-        return DeliveryRecord::decode(&bytes).map_err(internal);
-    }
-    let Some(log) = s.endpoints.find_request_body(&sub.id, delivery_id).map_err(internal)? else {
-        return Err(Failure(StatusCode::NOT_FOUND, format!("no delivery `{delivery_id}` in the failed deliveries or the request log")));
-    };
-    let fixed = ["content-type", "content-length", "host", "user-agent", "webhook-id", "webhook-timestamp", "webhook-signature"];
-    let header = |n: &str| log.request_headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
-    let headers = log
-        .request_headers
-        .iter()
-        .filter(|(k, v)| {
-            !fixed.contains(&k.to_ascii_lowercase().as_str()) && !sub.headers.keys().any(|h| h.eq_ignore_ascii_case(k)) && v != "[redacted]"
-        })
-        .cloned()
-        .collect();
-    Ok(DeliveryRecord {
-        id: delivery_id.to_string(),
-        subscription_id: sub.id.clone(),
-        tenant: sub.tenant.clone(),
-        event_name: "replay".into(),
-        attempt: 1,
-        not_before_ms: 0,
-        created_ms: chrono::Utc::now().timestamp_millis(),
-        content_type: header("content-type").unwrap_or_else(|| "application/json".into()),
-        body: log.request_body.into_bytes(),
-        headers,
-        last_error: None,
-        source: crate::kafka::SourceRef { topic: "replay".into(), partition: -1, offset: -1 },
-    })
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "hookd admin API", description = "Subscriptions, their state and logs, enable, disable, replay."),
-    paths(list, get_one, activity, requests, enable, disable, replay),
+    paths(list, get_one, activity, requests, enable, disable, replay::replay),
     components(schemas(SubscriptionView, ApiError, Done, DisableRequest, ReplayRequest)),
     modifiers(&BearerAuth)
 )]
@@ -311,6 +273,7 @@ async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respons
         200..=299 => "ok",
         400 => "bad_request",
         404 => "not_found",
+        503 => "unavailable",
         _ => "error",
     };
     s.metrics.admin_requests.with_label_values(&[outcome]).inc();
@@ -330,7 +293,7 @@ pub fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/api/subscriptions/{id}/requests", get(requests))
         .route("/api/subscriptions/{id}/enable", post(enable))
         .route("/api/subscriptions/{id}/disable", post(disable))
-        .route("/api/subscriptions/{id}/replay", post(replay))
+        .route("/api/subscriptions/{id}/replay", post(replay::replay))
         .route_layer(middleware::from_fn_with_state(shared, auth));
     api.route("/openapi.json", get(openapi))
 }

@@ -5,6 +5,7 @@
 //! API under `/api/` ([`api`]) requires the bearer `admin.token`.
 
 pub mod api;
+mod replay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,11 +44,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Binds `admin.listen` and serves until `shutdown`. Returns the bound address and the
-/// server task (open connections get 2 s to finish after `shutdown`).
+/// server task (open connections get 2 s to finish after `shutdown`; admin work they started
+/// that writes to Kafka is waited for, each bounded by `admin.produce_timeout_ms`).
 pub async fn serve(shared: Arc<Shared>, shutdown: CancellationToken) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
     let addr = shared.config.admin.listen;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Admin { addr, source })?;
     let bound = listener.local_addr().map_err(|source| Error::Admin { addr, source })?;
+    let tasks = shared.admin_tasks.clone();
     let app = router(shared);
     let handle = tokio::spawn(async move {
         let stopped = shutdown.clone();
@@ -56,6 +59,8 @@ pub async fn serve(shared: Arc<Shared>, shutdown: CancellationToken) -> Result<(
             r = served => if let Err(error) = r { tracing::error!(%error, "Admin server failed."); },
             _ = async { stopped.cancelled().await; tokio::time::sleep(std::time::Duration::from_secs(2)).await } => {}
         }
+        tasks.close();
+        tasks.wait().await;
     });
     Ok((bound, handle))
 }

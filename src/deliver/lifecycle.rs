@@ -1,11 +1,12 @@
 //! Endpoint lifecycle: whether a subscription may be sent to now, what each request leaves
 //! in its logs, auto-disable, and the DooPage verification handshake.
 //!
-//! Enabling and disabling go through `hookd.subscriptions` (the subscription is re-published
-//! with `enabled` and `disabled_reason`), so every instance and every restart sees the same
-//! answer; the change is also applied locally at once. Failure counts, the activity log and
-//! the request log live in the sender's sled ([`crate::endpoint`]), owned by the instance that
-//! owns the subscription's partition.
+//! Enabling and disabling go through `hookd.subscriptions` (the subscription, as the registry
+//! holds it now, is re-published with `enabled` and `disabled_reason`), so every instance and
+//! every restart sees the same answer; the change is also applied locally at once, as a
+//! compare-and-set, so it happens once however many failures race to it. Failure counts, the
+//! activity log and the request log live in the sender's sled ([`crate::endpoint`]), owned by
+//! the instance that owns the subscription's partition.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -15,11 +16,10 @@ use rand::distributions::{Alphanumeric, DistString};
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Attempt, HttpSender};
+use super::publish::{publish, PublishError, Via};
 use super::record::DeliveryRecord;
 use crate::endpoint::{fingerprint, Action, Activity, RequestLog, Verification};
-use crate::kafka::produce_until_acked;
 use crate::route::subscription::Subscription;
-use crate::route::Change;
 use crate::Shared;
 
 fn now_ms() -> i64 {
@@ -76,79 +76,150 @@ pub fn on_success(shared: &Shared, sub: &Subscription, record: &DeliveryRecord) 
     activity(shared, &sub.id, Action::Delivered, Some(record), None);
 }
 
+/// A failed request, as the lifecycle counts it.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed<'a> {
+    /// What went wrong (status or transport error), for the logs and the notice.
+    pub error: &'a str,
+    /// The endpoint answered `410 Gone` ([`is_gone`]): disable at once.
+    pub gone: bool,
+    /// The delivery will be sent again (activity `retried`, else `failed`).
+    pub will_retry: bool,
+}
+
+/// `410 Gone` with no transport error: the receiver says the endpoint is gone for good, and
+/// the Standard Webhooks spec asks senders to stop (disable it, do not retry).
+pub fn is_gone(attempt: &Attempt) -> bool {
+    attempt.error.is_none() && attempt.status == Some(410)
+}
+
+/// Why a subscription was disabled: the `cause` label of `hookd_endpoint_disables_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisableCause {
+    /// More than `disable_after_failures` failed requests in a row.
+    Failures,
+    /// The endpoint answered `410 Gone`.
+    Gone,
+    /// An operator, through the admin API.
+    Operator,
+}
+
+impl DisableCause {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Failures => "failures",
+            Self::Gone => "gone",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// What [`disable`] or [`enable`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changed {
+    /// It changed the subscription, published and applied.
+    Now,
+    /// Nothing to do: the subscription was in that state already (or is unknown).
+    Already,
+}
+
+/// Why an enable or disable did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("endpoint state: {0}")]
+    State(#[from] sled::Error),
+    #[error("encoding the subscription: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
 /// A request failed: count it, log it, and disable the subscription after more than
-/// `disable_after_failures` failures in a row.
-pub async fn on_failure(
-    shared: &Shared,
-    sub: &Subscription,
-    record: &DeliveryRecord,
-    error: &str,
-    will_retry: bool,
-    stop: &CancellationToken,
-) {
-    let action = if will_retry { Action::Retried } else { Action::Failed };
-    activity(shared, &sub.id, action, Some(record), Some(error.to_string()));
-    let count = match shared.endpoints.record_failure(&sub.id, error, now_ms()) {
+/// `disable_after_failures` failures in a row, or at once on `410 Gone`. The threshold and
+/// the subscription published are the registry's now, not `sub` (the version dispatched).
+pub async fn on_failure(shared: &Shared, sub: &Subscription, record: &DeliveryRecord, failed: Failed<'_>, stop: &CancellationToken) {
+    let action = if failed.will_retry { Action::Retried } else { Action::Failed };
+    activity(shared, &sub.id, action, Some(record), Some(failed.error.to_string()));
+    let count = match shared.endpoints.record_failure(&sub.id, failed.error, now_ms()) {
         Ok(n) => n,
         Err(e) => return tracing::error!(error = %e, "Endpoint state write failed."),
     };
-    if count > sub.disable_after_failures && sub.enabled {
-        let reason = format!("{count} consecutive failed requests; last: {error}");
-        disable(shared, sub, &reason, stop).await;
-    }
-}
-
-/// Re-publishes a subscription with changed fields and applies it locally.
-async fn publish(shared: &Shared, sub: Subscription, stop: &CancellationToken) -> Result<(), String> {
-    let value = serde_json::to_vec(&sub).map_err(|e| e.to_string())?;
-    shared.registry.apply([Change::Upsert(sub.clone())]);
-    produce_until_acked(&shared.producer, &shared.config.topics.subscriptions, Some(sub.id.as_bytes()), &value, None, stop)
-        .await
-        .map_err(|e| format!("publishing subscription `{}`: {e}", sub.id))
-}
-
-/// Disables a subscription, tells the owner through `hookd.notifications`.
-pub async fn disable(shared: &Shared, sub: &Subscription, reason: &str, stop: &CancellationToken) {
-    let mut off = sub.clone();
-    off.enabled = false;
-    off.disabled_reason = Some(reason.to_string());
-    if let Err(error) = publish(shared, off, stop).await {
-        tracing::error!(%error, "Disabling failed.");
+    let Some(threshold) = shared.registry.index().get(&sub.id).map(|s| s.disable_after_failures) else { return };
+    let error = crate::endpoint::redact_text(failed.error);
+    let (cause, reason) = if failed.gone {
+        (DisableCause::Gone, format!("the endpoint answered 410 Gone, which asks senders to stop (Standard Webhooks); last: {error}"))
+    } else if count > threshold {
+        (DisableCause::Failures, format!("{count} consecutive failed requests; last: {error}"))
+    } else {
         return;
+    };
+    if let Err(error) = disable(shared, &sub.id, &reason, cause, Via::UntilAcked(stop)).await {
+        tracing::error!(%error, subscription = %sub.id, "Disabling failed; the next failure tries again.");
     }
-    shared.metrics.endpoint_disables.inc();
-    activity(shared, &sub.id, Action::Disabled, None, Some(reason.to_string()));
-    tracing::warn!(subscription = %sub.id, tenant = %sub.tenant, reason, "Endpoint disabled.");
+}
+
+/// Publishes a subscription changed locally by [`crate::route::Registry::change_local`]; takes
+/// the change back when it did not reach the topic.
+async fn publish_change(shared: &Shared, changed: &Arc<Subscription>, via: Via<'_>) -> Result<(), ChangeError> {
+    let result = match serde_json::to_vec(&**changed) {
+        Ok(value) => publish(shared, via, &shared.config.topics.subscriptions, &changed.id, &value).await.map_err(ChangeError::from),
+        Err(e) => Err(e.into()),
+    };
+    if result.is_err() {
+        shared.registry.withdraw_local(changed);
+    }
+    result
+}
+
+/// Disables a subscription as the registry holds it now (so a URL or secret fixed since a
+/// request was dispatched stays fixed) and tells the owner through `hookd.notifications`.
+/// The change from enabled to disabled is a compare-and-set in the registry: of concurrent
+/// callers one publishes and notifies, the others (and a disable of a disabled subscription)
+/// get [`Changed::Already`] and send nothing.
+pub async fn disable(shared: &Shared, id: &str, reason: &str, cause: DisableCause, via: Via<'_>) -> Result<Changed, ChangeError> {
+    let off = |s: &Subscription| s.enabled.then(|| Subscription { enabled: false, disabled_reason: Some(reason.to_string()), ..s.clone() });
+    let Some((_, now)) = shared.registry.change_local(id, off) else { return Ok(Changed::Already) };
+    publish_change(shared, &now, via).await?;
+    shared.metrics.endpoint_disables.with_label_values(&[cause.label()]).inc();
+    activity(shared, id, Action::Disabled, None, Some(reason.to_string()));
+    tracing::warn!(subscription = id, tenant = %now.tenant, cause = cause.label(), reason, "Endpoint disabled.");
+    notify(shared, &now, cause, reason, via).await;
+    Ok(Changed::Now)
+}
+
+/// Enables a subscription and resets its failure count (also when it is enabled already).
+pub async fn enable(shared: &Shared, id: &str, via: Via<'_>) -> Result<Changed, ChangeError> {
+    shared.endpoints.reset_failures(id)?;
+    let on = |s: &Subscription| (!s.enabled).then(|| Subscription { enabled: true, disabled_reason: None, ..s.clone() });
+    let Some((_, now)) = shared.registry.change_local(id, on) else { return Ok(Changed::Already) };
+    publish_change(shared, &now, via).await?;
+    activity(shared, id, Action::Enabled, None, None);
+    tracing::info!(subscription = id, tenant = %now.tenant, "Endpoint enabled.");
+    Ok(Changed::Now)
+}
+
+/// The `endpoint.disabled` notice for the operator's product (so it can email the owner),
+/// about `sub` as published.
+async fn notify(shared: &Shared, sub: &Subscription, cause: DisableCause, reason: &str, via: Via<'_>) {
     let state = shared.endpoints.state(&sub.id).unwrap_or_default();
-    notify(shared, sub, "endpoint.disabled", state.last_error.as_deref().unwrap_or(reason), stop).await;
-}
-
-/// Enables a subscription and resets its failure count.
-pub async fn enable(shared: &Shared, sub: &Subscription, stop: &CancellationToken) -> Result<(), String> {
-    let mut on = sub.clone();
-    on.enabled = true;
-    on.disabled_reason = None;
-    publish(shared, on, stop).await?;
-    shared.endpoints.reset_failures(&sub.id).map_err(|e| e.to_string())?;
-    activity(shared, &sub.id, Action::Enabled, None, None);
-    Ok(())
-}
-
-/// A notice for the operator's product (so it can email the owner).
-async fn notify(shared: &Shared, sub: &Subscription, kind: &str, last_error: &str, stop: &CancellationToken) {
     let value = serde_json::json!({
-        "type": kind,
+        "type": "endpoint.disabled",
         "tenant": sub.tenant,
         "subscription": sub.id,
         "url": crate::endpoint::redact_url(&sub.url),
         "owner_email": sub.owner_email,
-        "last_error": last_error,
+        "last_error": state.last_error.as_deref().unwrap_or(reason),
+        "cause": cause.label(),
+        "reason": reason,
         "at": chrono::Utc::now().to_rfc3339(),
     });
-    let bytes = value.to_string();
     let topic = &shared.config.topics.notifications;
-    if let Err(error) = produce_until_acked(&shared.producer, topic, Some(sub.id.as_bytes()), bytes.as_bytes(), None, stop).await {
-        tracing::error!(%error, "Notification not produced.");
+    match publish(shared, via, topic, &sub.id, value.to_string().as_bytes()).await {
+        Ok(()) => shared.metrics.notifications.with_label_values(&["sent"]).inc(),
+        Err(error) => {
+            shared.metrics.notifications.with_label_values(&["failed"]).inc();
+            tracing::error!(%error, subscription = %sub.id, "Notice not produced.");
+        }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod backoff;
 pub mod http;
 pub mod lifecycle;
 pub mod park;
+pub mod publish;
 pub mod record;
 mod schedule;
 mod sender;

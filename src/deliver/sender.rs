@@ -535,9 +535,11 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
     };
     let kind = attempt.error.as_ref().map_or("status", |e| e.kind());
     s.metrics.request_errors.with_label_values(&[kind]).inc();
-    let retriable = attempt.error.as_ref().is_none_or(|e| e.is_retriable());
+    let gone = super::lifecycle::is_gone(&attempt);
+    let retriable = !gone && attempt.error.as_ref().is_none_or(|e| e.is_retriable());
     let will_retry = retriable && record.attempt < sub.retry.max_attempts;
-    super::lifecycle::on_failure(s, sub, &record, &error, will_retry, &ctx.hard_stop).await;
+    let failed = super::lifecycle::Failed { error: &error, gone, will_retry };
+    super::lifecycle::on_failure(s, sub, &record, failed, &ctx.hard_stop).await;
     if will_retry {
         let base = sub.retry.base_delay(record.attempt + 1);
         let bounds = RetryAfterBounds { min: Duration::from_secs(1), max: Duration::from_secs(s.config.delivery.retry_after_max_secs) };

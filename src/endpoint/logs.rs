@@ -104,13 +104,25 @@ impl EndpointStore {
         Ok(out)
     }
 
-    /// Removes a failed delivery and returns its record (it is being replayed).
-    pub fn take_failed(&self, sub: &str, delivery_id: &str) -> Result<Option<Vec<u8>>, sled::Error> {
+    /// One failed delivery by id: (time kept, record). It stays kept until
+    /// [`Self::remove_failed`]: a replay removes it only once the broker has its replay record.
+    pub fn failed_one(&self, sub: &str, delivery_id: &str) -> Result<Option<(i64, Vec<u8>)>, sled::Error> {
+        let Some(t) = self.failed.get(index_key(sub, delivery_id.as_bytes()))? else { return Ok(None) };
+        let at = unord(&t);
+        Ok(self.failed.get(failed_key(sub, at, delivery_id.as_bytes()))?.map(|r| (at, r.to_vec())))
+    }
+
+    /// Removes a failed delivery whose replay was acknowledged, if it is still the copy that
+    /// was replayed (kept at `at_ms`, with these bytes): a delivery that failed again meanwhile
+    /// replaced it with a newer copy, which stays. Returns whether it was removed.
+    pub fn remove_failed(&self, sub: &str, delivery_id: &str, at_ms: i64, record: &[u8]) -> Result<bool, sled::Error> {
         let _w = self.lock();
         let index = index_key(sub, delivery_id.as_bytes());
-        let Some(t) = self.failed.get(&index)? else { return Ok(None) };
-        let key = failed_key(sub, unord(&t), delivery_id.as_bytes());
-        let record = self.failed.get(&key)?;
+        let key = failed_key(sub, at_ms, delivery_id.as_bytes());
+        let same = self.failed.get(&index)?.is_some_and(|t| unord(&t) == at_ms) && self.failed.get(&key)?.is_some_and(|r| *r == *record);
+        if !same {
+            return Ok(false);
+        }
         let count = self.failed_count(sub)?.saturating_sub(1);
         let mut b = Batch::default();
         b.remove(index);
@@ -120,7 +132,7 @@ impl EndpointStore {
             n => b.insert(tagged(b'n', sub), &n.to_be_bytes()),
         }
         self.failed.apply_batch(b)?;
-        Ok(record.map(|r| r.to_vec()))
+        Ok(true)
     }
 
     fn failed_count(&self, sub: &str) -> Result<u64, sled::Error> {
@@ -253,12 +265,12 @@ pub(super) mod tests {
         assert_eq!(s.activity("ab").unwrap().len(), 10);
         assert!(s.requests("a").unwrap().is_empty() && s.failed_since("a", i64::MIN).unwrap().is_empty());
         assert!(s.activity("").unwrap().is_empty() && s.activity("b").unwrap().is_empty());
-        assert_eq!(s.take_failed("a", "x").unwrap(), None);
-        assert_eq!(s.take_failed("ab", "x").unwrap().as_deref(), Some(&b"ab"[..]));
+        assert_eq!(s.failed_one("a", "x").unwrap(), None);
+        assert_eq!(s.failed_one("ab", "x").unwrap(), Some((1, b"ab".to_vec())));
     }
 
     #[test]
-    fn failed_bound_since_and_take() {
+    fn failed_bound_since_and_remove() {
         let (_dir, s) = open();
         for t in 0..1003i64 {
             s.push_failed("a", &format!("d{t}"), 1_000 + t, t.to_string().as_bytes()).unwrap();
@@ -266,14 +278,16 @@ pub(super) mod tests {
         let all = s.failed_since("a", i64::MIN).unwrap();
         assert_eq!(all.len(), 1000);
         assert_eq!((all[0].0.as_str(), all[0].1, all[0].2.as_slice()), ("d3", 1_003, &b"3"[..]), "the three oldest dropped");
-        assert_eq!(s.take_failed("a", "d0").unwrap(), None, "dropped from the index too");
+        assert_eq!(s.failed_one("a", "d0").unwrap(), None, "dropped from the index too");
         let since: Vec<String> = s.failed_since("a", 1_000 + 1000).unwrap().into_iter().map(|(id, _, _)| id).collect();
         assert_eq!(since, ["d1000", "d1001", "d1002"], "at or after, oldest first");
-        assert_eq!(s.take_failed("a", "d1001").unwrap(), Some(b"1001".to_vec()));
-        assert_eq!(s.take_failed("a", "d1001").unwrap(), None, "taken once");
+        assert_eq!(s.failed_one("a", "d1001").unwrap(), Some((2_001, b"1001".to_vec())), "looked at, still kept");
+        assert_eq!(s.failed_since("a", 2_000).unwrap().len(), 3);
+        assert!(s.remove_failed("a", "d1001", 2_001, b"1001").unwrap());
+        assert!(!s.remove_failed("a", "d1001", 2_001, b"1001").unwrap(), "removed once");
         assert_eq!(s.failed_since("a", 2_000).unwrap().len(), 2);
         s.push_failed("a", "late", 5, b"old time").unwrap();
-        assert_eq!(s.failed_since("a", i64::MIN).unwrap().len(), 1000, "999 after the take, one more, no drop");
+        assert_eq!(s.failed_since("a", i64::MIN).unwrap().len(), 1000, "999 after the removal, one more, no drop");
         s.push_failed("a", "again", 3_000, b"x").unwrap();
         let all = s.failed_since("a", i64::MIN).unwrap();
         assert_eq!((all.len(), all[0].0.as_str(), all[1].0.as_str()), (1000, "d3", "d4"), "the oldest by time dropped: `late`");
@@ -289,8 +303,11 @@ pub(super) mod tests {
         assert_eq!(all, [("e".to_string(), 15, b"other".to_vec()), ("d".to_string(), 20, b"second".to_vec())]);
         s.push_failed("a", "d", 20, b"third").unwrap();
         assert_eq!(s.failed_since("a", 20).unwrap(), [("d".to_string(), 20, b"third".to_vec())]);
-        assert_eq!(s.take_failed("a", "d").unwrap(), Some(b"third".to_vec()));
-        assert_eq!(s.take_failed("a", "e").unwrap(), Some(b"other".to_vec()));
+        assert!(!s.remove_failed("a", "d", 20, b"second").unwrap(), "replaced since: the newer copy stays");
+        assert!(!s.remove_failed("a", "d", 10, b"first").unwrap());
+        assert_eq!(s.failed_one("a", "d").unwrap(), Some((20, b"third".to_vec())));
+        assert!(s.remove_failed("a", "d", 20, b"third").unwrap());
+        assert!(s.remove_failed("a", "e", 15, b"other").unwrap());
         assert_eq!(s.failed.len(), 0, "index and count gone with the last entry");
     }
 }

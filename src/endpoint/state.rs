@@ -317,7 +317,7 @@ mod tests {
         assert!(
             s.activity("a").unwrap().is_empty() && s.requests("a").unwrap().is_empty() && s.failed_since("a", i64::MIN).unwrap().is_empty()
         );
-        assert_eq!(s.take_failed("a", "d").unwrap(), None);
+        assert_eq!(s.failed_one("a", "d").unwrap(), None);
         assert_eq!(s.state("ab").unwrap().consecutive_failures, 1);
         assert_eq!((s.activity("ab").unwrap().len(), s.requests("ab").unwrap().len()), (1, 1));
         assert_eq!(s.failed_since("ab", i64::MIN).unwrap(), [("d".to_string(), 1, b"r".to_vec())]);

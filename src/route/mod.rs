@@ -5,6 +5,11 @@
 //! [`reader`]; a topic entry with the same id overrides the config one, a null value removes
 //! the topic entry). Lookups go through an immutable [`Index`] snapshot keyed by tenant, swapped
 //! whole on every change, so the hot path takes no lock beyond cloning an `Arc`.
+//!
+//! Enable and disable are changes this instance publishes on the topic itself
+//! ([`Registry::change_local`]): they show at once, as a local layer over the topic entries,
+//! and the layer goes when the reader reads the same value back. Until then an older record
+//! of the topic read in between cannot make a disabled subscription look enabled again.
 
 pub mod reader;
 pub mod subscription;
@@ -63,6 +68,8 @@ pub struct Registry {
 struct RegistryState {
     from_config: BTreeMap<String, Arc<Subscription>>,
     from_topic: BTreeMap<String, Arc<Subscription>>,
+    /// Changes published by this instance and not read back from the topic yet.
+    local: BTreeMap<String, Arc<Subscription>>,
     snapshot: Arc<Index>,
 }
 
@@ -70,6 +77,7 @@ impl RegistryState {
     fn rebuild(&mut self) {
         let mut merged = self.from_config.clone();
         merged.extend(self.from_topic.iter().map(|(k, v)| (k.clone(), v.clone())));
+        merged.extend(self.local.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.snapshot = Arc::new(Index::build(merged.into_values()));
     }
 }
@@ -94,12 +102,17 @@ impl Registry {
         self.inner.read().expect("registry lock poisoned").snapshot.clone()
     }
 
-    /// Applies a batch of changes and swaps the snapshot once.
+    /// Applies a batch of changes read from the topic, in topic order, and swaps the snapshot
+    /// once. A local change ends when its own value is read back: records before it on the
+    /// topic (same key, same partition) are older and stay under it.
     pub fn apply(&self, changes: impl IntoIterator<Item = Change>) -> usize {
         let mut state = self.inner.write().expect("registry lock poisoned");
         for change in changes {
             match change {
                 Change::Upsert(s) => {
+                    if state.local.get(&s.id).is_some_and(|l| **l == s) {
+                        state.local.remove(&s.id);
+                    }
                     state.from_topic.insert(s.id.clone(), Arc::new(s));
                 }
                 Change::Delete(id) => {
@@ -109,6 +122,32 @@ impl Registry {
         }
         state.rebuild();
         state.snapshot.len()
+    }
+
+    /// Compare-and-set of one subscription, for a change this instance is about to publish:
+    /// `change` sees the subscription as it is now and returns the new version, or None to
+    /// leave it. Atomic with every other change, so of concurrent callers one wins; the new
+    /// version shows at once. Returns (before, after) when it changed.
+    pub fn change_local(
+        &self,
+        id: &str,
+        change: impl FnOnce(&Subscription) -> Option<Subscription>,
+    ) -> Option<(Arc<Subscription>, Arc<Subscription>)> {
+        let mut state = self.inner.write().expect("registry lock poisoned");
+        let before = state.snapshot.get(id)?.clone();
+        let after = Arc::new(change(&before)?);
+        state.local.insert(id.to_string(), after.clone());
+        state.rebuild();
+        Some((before, after))
+    }
+
+    /// Takes back a local change that did not reach the topic, if it is still the one shown.
+    pub fn withdraw_local(&self, change: &Arc<Subscription>) {
+        let mut state = self.inner.write().expect("registry lock poisoned");
+        if state.local.get(&change.id).is_some_and(|l| Arc::ptr_eq(l, change)) {
+            state.local.remove(&change.id);
+            state.rebuild();
+        }
     }
 }
 
@@ -147,5 +186,24 @@ mod tests {
         reg.apply([Change::Delete("a".into()), Change::Delete("b".into())]);
         assert_eq!(reg.index().get("a").unwrap().events, vec!["x"]);
         assert!(reg.index().get("b").is_none());
+    }
+
+    #[test]
+    fn a_local_change_wins_once_and_holds_over_older_topic_records_until_read_back() {
+        let reg = Registry::new(&[sub("a", "t1", &["x"])]);
+        let off = |s: &Subscription| s.enabled.then(|| Subscription { enabled: false, ..s.clone() });
+        let (before, after) = reg.change_local("a", off).expect("enabled: changes");
+        assert!(before.enabled && !after.enabled && !reg.index().get("a").unwrap().enabled);
+        assert!(reg.change_local("a", off).is_none(), "a second caller sees it disabled already");
+        assert!(reg.change_local("nope", off).is_none());
+        // An older record of the topic (enabled, another URL) is read before ours comes back.
+        reg.apply([Change::Upsert(Subscription { url: "http://y/".into(), ..sub("a", "t1", &["x"]) })]);
+        assert!(!reg.index().get("a").unwrap().enabled, "the older record stays under the local change");
+        reg.apply([Change::Upsert((*after).clone())]);
+        reg.apply([Change::Upsert(sub("a", "t1", &["x"]))]);
+        assert!(reg.index().get("a").unwrap().enabled, "read back: the topic rules again");
+        let (_, gone) = reg.change_local("a", off).unwrap();
+        reg.withdraw_local(&gone);
+        assert!(reg.index().get("a").unwrap().enabled, "withdrawn: as before");
     }
 }

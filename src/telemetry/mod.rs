@@ -52,9 +52,16 @@ pub struct Metrics {
     pub bundles_emitted: IntCounter,
     /// Verification handshakes by `result` (verified, failed).
     pub verifications: IntCounterVec,
-    /// Subscriptions disabled by hookd after consecutive failures.
-    pub endpoint_disables: IntCounter,
-    /// Admin API requests by `outcome` (ok, unauthorized, bad_request, not_found, error).
+    /// Subscriptions disabled, by `cause`: failures (more than `disable_after_failures` in a
+    /// row), gone (the endpoint answered 410 Gone), operator (the admin API).
+    pub endpoint_disables: IntCounterVec,
+    /// Notices (`endpoint.disabled`) for `hookd.notifications`, by `outcome` (sent, failed).
+    pub notifications: IntCounterVec,
+    /// Lifecycle and admin records (subscription changes, notices, replays) Kafka did not
+    /// take, by `via`: sender (hookd stopping, or refused), admin (not acknowledged in time).
+    pub publish_failures: IntCounterVec,
+    /// Admin API requests by `outcome` (ok, unauthorized, bad_request, not_found,
+    /// unavailable: Kafka did not acknowledge in time, error).
     pub admin_requests: IntCounterVec,
     /// Kafka client errors a stage logged and rode out, by `stage` (ingest, sender,
     /// subscriptions); each is also a `warn` log line.
@@ -102,7 +109,9 @@ impl Metrics {
             open_bundles: gauge(&r, "hookd_open_bundles", "Bundles open in the window store"),
             bundles_emitted: int_counter(&r, "hookd_bundles_emitted_total", "Bundles emitted as delivery records"),
             verifications: counter(&r, "hookd_verifications_total", "Endpoint verification handshakes", &["result"]),
-            endpoint_disables: int_counter(&r, "hookd_endpoint_disables_total", "Subscriptions disabled after consecutive failures"),
+            endpoint_disables: counter(&r, "hookd_endpoint_disables_total", "Subscriptions disabled, by cause", &["cause"]),
+            notifications: counter(&r, "hookd_notifications_total", "Notices for hookd.notifications, by outcome", &["outcome"]),
+            publish_failures: counter(&r, "hookd_publish_failures_total", "Lifecycle and admin records Kafka did not take", &["via"]),
             admin_requests: counter(&r, "hookd_admin_requests_total", "Admin API requests", &["outcome"]),
             events_consumed: counter(&r, "hookd_events_consumed_total", "Input records read", &["source"]),
             deliveries_produced: counter(&r, "hookd_deliveries_produced_total", "Delivery records produced", &["source"]),

@@ -3,6 +3,7 @@
 //! polling waits instead of fixed sleeps.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod kafka;
 pub mod receiver;
 
