@@ -348,7 +348,7 @@ impl ChatStage {
         pieces.into_iter().map(into_output).collect()
     }
 
-    /// A bundle's delivery record was acknowledged: forget the bundle.
+    /// Every delivery record (or dead letter) of a bundle was acknowledged: forget the bundle.
     pub fn emitted(&mut self, shared: &Shared, key: &BundleKey) {
         self.emitting.remove(key);
         if let Err(error) = self.store.remove(key) {
