@@ -271,11 +271,40 @@ pub struct ChatConfig {
     /// Context: `messages` (each with `sender`, `text`, `timestamp`, `time`), `chat`,
     /// `account`, `permalink`, `link`. Auto-escaped as HTML.
     pub summary_template: String,
+    /// Largest body of one bundle delivery, in bytes. A bundle that renders larger is
+    /// delivered as consecutive parts, each a whole TimelinesAI bundle of its own messages
+    /// with its own summary. In the delivery record the body is base64
+    /// ([`ChatConfig::max_bundle_record_body_bytes`]), so the default keeps a part under the
+    /// producer's 1,000,000-byte `message.max.bytes`.
+    pub max_bundle_bytes: usize,
+    /// At most this many messages per part as well; 0: no limit but the bytes.
+    pub max_bundle_messages: usize,
 }
+
+/// The smallest `chat.max_bundle_bytes` accepted: a bundle's account, chat, link and JSON
+/// keys alone take about 1 KiB, so a smaller cap would leave room for hardly any message.
+pub const MIN_BUNDLE_BYTES: usize = 4_096;
 
 impl Default for ChatConfig {
     fn default() -> Self {
-        Self { grace_ms: 5_000, close_interval_ms: 250, max_batch: 500, batch_interval_ms: 20, summary_template: String::new() }
+        Self {
+            grace_ms: 5_000,
+            close_interval_ms: 250,
+            max_batch: 500,
+            batch_interval_ms: 20,
+            summary_template: String::new(),
+            max_bundle_bytes: 512 * 1024,
+            max_bundle_messages: 0,
+        }
+    }
+}
+
+impl ChatConfig {
+    /// What the body of the largest bundle part takes in its delivery record (base64, 4 bytes
+    /// per 3): the record's other fields come on top, and the sum must fit the producer's and
+    /// the topic's largest message.
+    pub fn max_bundle_record_body_bytes(&self) -> usize {
+        self.max_bundle_bytes.div_ceil(3) * 4
     }
 }
 
@@ -347,6 +376,11 @@ impl Config {
         if self.chat.max_batch == 0 || self.chat.close_interval_ms == 0 || self.chat.batch_interval_ms == 0 {
             return Err(invalid("chat.max_batch, close_interval_ms and batch_interval_ms must be at least 1".into()));
         }
+        if self.chat.max_bundle_bytes < MIN_BUNDLE_BYTES {
+            return Err(invalid(format!(
+                "chat.max_bundle_bytes must be at least {MIN_BUNDLE_BYTES} (a bundle's account, chat and link take about 1 KiB)"
+            )));
+        }
         let template = (!self.chat.summary_template.is_empty()).then_some(self.chat.summary_template.as_str());
         crate::render::timelines::Summary::new(template).map_err(|e| invalid(format!("chat.summary_template: {e}")))?;
         let mut seen = HashSet::new();
@@ -386,6 +420,8 @@ allow_private_targets = []
         assert_eq!(c.delivery.request_timeout_ms, 10_000);
         assert_eq!(c.admin.produce_timeout_ms, 10_000);
         assert!(c.subscription.is_empty());
+        assert_eq!((c.chat.max_bundle_bytes, c.chat.max_bundle_messages), (524_288, 0));
+        assert_eq!(c.chat.max_bundle_record_body_bytes(), 699_052, "base64 of 512 KiB, under 1,000,000 with room for the record");
     }
 
     #[test]
@@ -405,6 +441,8 @@ allow_private_targets = []
         assert!(Config::parse(dup).unwrap_err().to_string().contains("twice"));
         let no_timeout = Config::parse("[admin]\nproduce_timeout_ms = 0\n").unwrap_err().to_string();
         assert!(no_timeout.contains("admin.produce_timeout_ms"), "{no_timeout}");
+        let small = Config::parse("[chat]\nmax_bundle_bytes = 1000\n").unwrap_err().to_string();
+        assert!(small.contains("chat.max_bundle_bytes must be at least 4096"), "{small}");
         let bad_dialect = "[[subscription]]\nid=\"a\"\ntenant=\"t\"\nurl=\"http://x/\"\ndialect=\"nope\"\n";
         assert!(Config::parse(bad_dialect).unwrap_err().to_string().contains("nope"));
     }

@@ -6,57 +6,18 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::chat::*;
 use common::receiver::Receiver;
 use common::*;
 use hookd::window::clock::ManualClock;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-/// 2021-02-24T16:25:29Z, the seed's first message.
-const T0: i64 = 1_614_183_929_000;
-
-fn message(id: &str, chat: &str, ts_ms: i64, sender: &str, text: &str) -> String {
-    let ts = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap().format("%Y-%m-%dT%H:%M:%S%z").to_string();
-    json!({"id": id, "tenant": "ws-10010", "direction": "sent", "timestamp": ts,
-        "account": {"full_name": "Amnon Haha", "email": "amnon@example.com", "phone": "+972500000000"},
-        "chat": {"id": chat, "full_name": "John Doe", "responsible_name": "Amnon", "responsible_email": "amnon@example.com",
-                 "url": format!("https://app.example.com/chat/{chat}/messages/"), "is_new_chat": true, "is_group": false, "phone": "+97254000000"},
-        "sender": {"full_name": sender, "phone": "+972540000000"},
-        "recipient": {"full_name": "Jane Smith", "phone": "+972550000000"},
-        "text": text, "attachments": [], "permalink": format!("https://app.example.com/permalink/{chat}")})
-    .to_string()
-}
-
+/// A daemon with a 1 h bundle subscription (`/bundles`) and a pass-through one (`/each`).
 async fn start(brokers: &str, state: &std::path::Path, rx: &Receiver, clock: Arc<ManualClock>) -> (hookd::Running, CancellationToken) {
-    let subs = format!(
-        "[[subscription]]\nid = \"bundles\"\ntenant = \"ws-10010\"\nsource = \"chat\"\naggregation = \"1h\"\nurl = \"{}\"\n\
-         [[subscription]]\nid = \"each\"\ntenant = \"ws-10010\"\nsource = \"chat\"\ndialect = \"timelines\"\nurl = \"{}\"\n",
-        rx.url("/bundles"),
-        rx.url("/each")
-    );
-    let cfg = config(brokers, state, &subs);
-    let stop = CancellationToken::new();
-    let running = hookd::start_with_clock(cfg, stop.clone(), clock).await.expect("daemon starts");
-    let shared = running.shared.clone();
-    wait_until(Duration::from_secs(30), "ready", || {
-        let ok = shared.ready.all();
-        async move { ok }
-    })
-    .await;
-    (running, stop)
-}
-
-fn bundles(rx: &Receiver) -> Vec<Value> {
-    rx.requests().iter().filter(|r| r.path == "/bundles").map(|r| serde_json::from_slice(&r.body).unwrap()).collect()
-}
-
-/// Waits until the `hookd_open_bundles` gauge reads `n`.
-async fn wait_open_bundles(shared: &hookd::Shared, n: i64, secs: u64, what: &str) {
-    wait_until(Duration::from_secs(secs), what, || {
-        let open = shared.metrics.open_bundles.get();
-        async move { open == n }
-    })
-    .await;
+    let subs =
+        chat_subscription("bundles", TENANT, "1h", &rx.url("/bundles")) + &chat_subscription("each", TENANT, "none", &rx.url("/each"));
+    start_on_clock(config(brokers, state, &subs), clock).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,40 +182,12 @@ impl Ingest {
         });
     }
 
+    /// Produces a closed bundle's parts (or dead letters); the bundle is removed from the
+    /// store once all are acknowledged.
     fn spawn_emission(&self, e: Emission) {
         let (shared, done, stop) = (self.shared.clone(), self.done.clone(), self.stop.clone());
-        let topic = self.chat.topic().to_string();
         self.tasks.spawn(async move {
-            let sent = match &e.record {
-                Ok(record) => {
-                    let r = produce_until_acked(
-                        &shared.producer,
-                        &shared.config.topics.deliveries,
-                        Some(e.sub_id.as_bytes()),
-                        record,
-                        None,
-                        &stop,
-                    )
-                    .await;
-                    if r.is_ok() {
-                        shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
-                    }
-                    r
-                }
-                Err((reason, original)) => {
-                    let source = SourceRef { topic, partition: e.partition, offset: e.first_offset };
-                    let letter = DeadLetter {
-                        original,
-                        key: Some(e.sub_id.as_bytes()),
-                        reason: reason.clone(),
-                        stage: "render",
-                        source,
-                        subscription_id: Some(&e.sub_id),
-                    };
-                    dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, &stop).await
-                }
-            };
-            if sent.is_ok() {
+            if e.send(&shared, &stop).await.is_ok() {
                 let _ = done.send(Done::Emitted(e.key, e.partition));
             }
         });

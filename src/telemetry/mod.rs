@@ -46,10 +46,16 @@ pub struct Metrics {
     pub chat_skipped: IntCounterVec,
     /// Chat messages that arrived after their window was emitted (put in the next bundle).
     pub chat_late: IntCounter,
+    /// Chat messages written to a bundle in the window store (one per aggregating
+    /// subscription the message matched).
+    pub chat_bundled: IntCounter,
     /// Bundles open in the window store.
     pub open_bundles: IntGauge,
     /// Bundles emitted as delivery records.
     pub bundles_emitted: IntCounter,
+    /// Bundles delivered in more than one part (over `chat.max_bundle_bytes` or
+    /// `chat.max_bundle_messages`).
+    pub bundles_split: IntCounter,
     /// Verification handshakes by `result` (verified, failed).
     pub verifications: IntCounterVec,
     /// Subscriptions disabled, by `cause`: failures (more than `disable_after_failures` in a
@@ -107,7 +113,9 @@ impl Metrics {
             state_wipes: int_counter(&r, "hookd_state_wipes_total", "State store wiped and rebuilt from Kafka"),
             chat_late: int_counter(&r, "hookd_chat_messages_late_total", "Chat messages that missed their window"),
             open_bundles: gauge(&r, "hookd_open_bundles", "Bundles open in the window store"),
+            chat_bundled: int_counter(&r, "hookd_chat_messages_bundled_total", "Chat messages written to a bundle"),
             bundles_emitted: int_counter(&r, "hookd_bundles_emitted_total", "Bundles emitted as delivery records"),
+            bundles_split: int_counter(&r, "hookd_bundles_split_total", "Bundles delivered in more than one part"),
             verifications: counter(&r, "hookd_verifications_total", "Endpoint verification handshakes", &["result"]),
             endpoint_disables: counter(&r, "hookd_endpoint_disables_total", "Subscriptions disabled, by cause", &["cause"]),
             notifications: counter(&r, "hookd_notifications_total", "Notices for hookd.notifications, by outcome", &["outcome"]),

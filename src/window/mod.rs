@@ -8,8 +8,10 @@
 //!   `end = start + size`), so replaying the same input rebuilds the same bundles.
 //! - **When it closes**: the wall clock ([`clock::Clock`]) closes it at `end + grace`, so a
 //!   chat that goes quiet still flushes. A close timer asks [`store::WindowStore::due`],
-//!   loads each bundle with [`store::WindowStore::begin_emit`], produces its delivery record
-//!   and, once the broker has acknowledged it, calls [`store::WindowStore::remove`].
+//!   loads each bundle with [`store::WindowStore::begin_emit`], renders it ([`emit`]: in
+//!   parts when it outgrows `chat.max_bundle_bytes`), produces the parts' delivery records
+//!   in order and, once the broker has acknowledged all of them, calls
+//!   [`store::WindowStore::remove`].
 //! - **Late messages**: a message whose window was already emitted goes into the chat's next
 //!   bundle, flagged late; it is never dropped.
 //!
@@ -28,8 +30,11 @@
 //! the process stopped is due again after a restart: a duplicate, never a loss.
 //!
 //! - [`clock`]: the wall clock, and a manual one for tests.
+//! - [`emit`]: a closed bundle rendered as its parts, with content-derived `webhook-id`s.
+//! - [`stage`]: the Kafka side: routing chat messages, batched writes, emission, positions.
 //! - [`store`]: the sled-backed window store.
 
 pub mod clock;
+pub mod emit;
 pub mod stage;
 pub mod store;

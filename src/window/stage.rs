@@ -3,10 +3,10 @@
 //!
 //! A chat message is finished for offset purposes when its pass-through deliveries are
 //! acknowledged and its aggregated part is applied to the window store. The position stored
-//! for a chat partition is the smaller of the offset tracker's (pass-through in flight) and the
-//! store's low-watermark (the smallest first offset of any open bundle, DESIGN section 2), so
-//! the committed offset never passes a message whose bundle was not yet emitted and
-//! acknowledged. After a restart with the store intact, the partition resumes at the store's
+//! for a chat partition is the offset tracker's (pass-through in flight, bundle parts not yet
+//! applied) held at the store's low-watermark (the smallest first offset of any bundle not yet
+//! removed, DESIGN section 2), so the committed offset never passes a message whose bundle was
+//! not yet emitted and acknowledged, and follows the tracker when no bundle is open. After a restart with the store intact, the partition resumes at the store's
 //! settled position (see `ingest`); of the messages read again from there, the aggregated part
 //! of those at or below the store's checkpoint is skipped (it is in the store already) and
 //! pass-through is done again (duplicates carry the same `webhook-id`). With the store lost,
@@ -15,18 +15,25 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
+use tokio_util::sync::CancellationToken;
 
 use super::clock::Clock;
+use super::emit::{self, EmitError, Limits, Piece};
 use super::store::{Bundle, BundleKey, Incoming, WindowStore};
 use crate::deliver::record::{webhook_id, DeliveryRecord};
 use crate::ingest::chat::ChatMessage;
 use crate::ingest::offsets::{OffsetTracker, Tp};
 use crate::ingest::Work;
-use crate::kafka::SourceRef;
-use crate::render::timelines::{self, BundleHeader, Summary};
+use crate::kafka::{dead_letter, produce_until_acked, DeadLetter, SourceRef};
+use crate::render::timelines::{self, Summary};
 use crate::route::subscription::{Aggregation, Source};
 use crate::Shared;
+
+/// Request header naming a bundle part and the number of parts, `2/3`: receivers that want
+/// the whole window put the parts back together by it.
+pub const PART_HEADER: &str = "hookd-bundle-part";
 
 /// A message's aggregated part, waiting for the next store batch.
 pub struct Pending {
@@ -118,10 +125,8 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
         match sub.aggregation {
             Aggregation::None => {
                 let body = single.get_or_insert_with(|| timelines::single_payload(&m)).clone();
-                work.deliveries.push((
-                    sub.id.clone(),
-                    chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone()),
-                ));
+                let record = chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone());
+                work.deliveries.push((sub.id.clone(), record.encode()));
             }
             Aggregation::Every(size) if applied.is_none_or(|c| work.offset > c) => parts.push(&sub.id, size),
             Aggregation::Every(_) => {} // already in the window store (offset <= its checkpoint)
@@ -133,7 +138,7 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
     (work, parts.parts)
 }
 
-fn chat_record(sub: &str, tenant: &str, id: String, event: &str, body: Vec<u8>, now: i64, source: SourceRef) -> Vec<u8> {
+fn chat_record(sub: &str, tenant: &str, id: String, event: &str, body: Vec<u8>, now: i64, source: SourceRef) -> DeliveryRecord {
     DeliveryRecord {
         id,
         subscription_id: sub.to_string(),
@@ -148,7 +153,6 @@ fn chat_record(sub: &str, tenant: &str, id: String, event: &str, body: Vec<u8>, 
         last_error: None,
         source,
     }
-    .encode()
 }
 
 /// Closed bundles loaded and rendered per call of [`ChatStage::due`].
@@ -162,6 +166,8 @@ const MAX_EMITTING: usize = 4096;
 pub struct ChatStage {
     pub store: WindowStore,
     summary: Summary,
+    /// Size limits of one bundle part (`chat.max_bundle_bytes`, `max_bundle_messages`).
+    limits: Limits,
     clock: Arc<dyn Clock>,
     pending: Vec<Pending>,
     /// Works whose aggregated part is in `pending`; settled after the batch is applied.
@@ -173,14 +179,50 @@ pub struct ChatStage {
     topic: String,
 }
 
-/// A closed bundle: a delivery record to produce, or, when it cannot be rendered, a dead
-/// letter (its messages as a JSON array) so it does not hold the partition's offsets forever.
+/// A closed bundle: the delivery records of its parts, in order, and dead letters for what
+/// cannot be rendered, so that nothing holds the partition's offsets forever.
 pub struct Emission {
     pub key: BundleKey,
+    /// Partition of the bundle's first message, whose position the bundle holds.
     pub partition: i32,
-    pub first_offset: i64,
     pub sub_id: String,
-    pub record: Result<Vec<u8>, (String, Vec<u8>)>,
+    /// What to produce, in time order; the bundle is emitted when all are acknowledged.
+    pub outputs: Vec<Output>,
+}
+
+/// One record of an emission.
+pub enum Output {
+    /// An encoded delivery record for `hookd.deliveries`.
+    Record(Vec<u8>),
+    /// For `hookd.dlq`: the whole bundle (its messages as a JSON array) when it cannot be
+    /// rendered, or one message that does not fit in a part of its own.
+    Letter { reason: EmitError, original: Vec<u8>, source: SourceRef },
+}
+
+impl Emission {
+    /// Produces the outputs one after the other, each acknowledged before the next, so the
+    /// parts are on `hookd.deliveries` in order. An error (shutdown) leaves the bundle stored:
+    /// it is emitted again, all parts under the same ids.
+    pub async fn send(&self, shared: &Shared, stop: &CancellationToken) -> Result<(), KafkaError> {
+        let key = Some(self.sub_id.as_bytes());
+        for output in &self.outputs {
+            match output {
+                Output::Record(record) => {
+                    produce_until_acked(&shared.producer, &shared.config.topics.deliveries, key, record, None, stop).await?;
+                    shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
+                }
+                Output::Letter { reason, original, source } => {
+                    let (reason, source, subscription_id) = (reason.to_string(), source.clone(), Some(self.sub_id.as_str()));
+                    let letter = DeadLetter { original, key, reason, stage: "render", source, subscription_id };
+                    dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, stop).await?;
+                }
+            }
+        }
+        if self.outputs.iter().filter(|o| matches!(o, Output::Record(_))).count() > 1 {
+            shared.metrics.bundles_split.inc();
+        }
+        Ok(())
+    }
 }
 
 impl ChatStage {
@@ -189,6 +231,7 @@ impl ChatStage {
         Ok(Self {
             store,
             summary: Summary::new((!t.is_empty()).then_some(t.as_str()))?,
+            limits: Limits::new(&shared.config.chat),
             clock: shared.clock.clone(),
             pending: Vec::new(),
             waiting: Vec::new(),
@@ -218,6 +261,7 @@ impl ChatStage {
                 if late > 0 {
                     shared.metrics.chat_late.inc_by(late as u64);
                 }
+                shared.metrics.chat_bundled.inc_by(placed.len() as u64);
                 shared.metrics.open_bundles.set(self.store.open_bundles() as i64);
                 self.pending.clear();
                 std::mem::take(&mut self.waiting)
@@ -263,26 +307,9 @@ impl ChatStage {
             }
             match self.store.begin_emit(&key) {
                 Ok(Some(bundle)) => {
-                    let record = self.render(shared, &bundle).map_err(|reason| {
-                        tracing::error!(%reason, sub = %key.sub_id, chat = %key.chat_id, "Bundle could not be rendered; sending it to the dead-letter topic.");
-                        let mut original = b"[".to_vec();
-                        for (i, m) in bundle.messages.iter().enumerate() {
-                            if i > 0 {
-                                original.push(b',');
-                            }
-                            original.extend_from_slice(m);
-                        }
-                        original.push(b']');
-                        (format!("bundle render failed: {reason}"), original)
-                    });
+                    let outputs = self.outputs(shared, &bundle);
                     self.emitting.insert(key.clone());
-                    out.push(Emission {
-                        partition: bundle.partition,
-                        first_offset: bundle.first_offset,
-                        sub_id: key.sub_id.clone(),
-                        key,
-                        record,
-                    });
+                    out.push(Emission { partition: bundle.partition, sub_id: key.sub_id.clone(), key, outputs });
                 }
                 Ok(None) => {}
                 Err(error) => tracing::error!(%error, "Loading a due bundle failed."),
@@ -291,20 +318,37 @@ impl ChatStage {
         (out, more)
     }
 
-    fn render(&self, shared: &Shared, b: &Bundle) -> Result<Vec<u8>, String> {
-        let header: BundleHeader = serde_json::from_slice(&b.header).map_err(|e| format!("bundle header: {e}"))?;
-        let messages: Vec<serde_json::Value> =
-            b.messages.iter().map(|m| serde_json::from_slice(m)).collect::<Result<_, _>>().map_err(|e| format!("bundle message: {e}"))?;
-        let summary = self.summary.render(&messages, &header).map_err(|e| e.to_string())?;
-        let body = timelines::bundle_payload(&header, &messages, &summary);
+    /// A bundle's parts as delivery records (with [`PART_HEADER`]), in order, and dead
+    /// letters for a message too large alone or for a bundle that cannot be rendered.
+    fn outputs(&self, shared: &Shared, b: &Bundle) -> Vec<Output> {
+        let source = |(partition, offset): (i32, i64)| SourceRef { topic: self.topic.clone(), partition, offset };
+        let origin = |message: usize| b.origins.get(message).copied().unwrap_or((b.partition, b.first_offset));
+        let pieces = match emit::render(&self.summary, b, self.limits) {
+            Ok(pieces) => pieces,
+            Err(reason) => {
+                tracing::error!(%reason, sub = %b.key.sub_id, chat = %b.key.chat_id, "Bundle could not be rendered; sending it to the dead-letter topic.");
+                let original = [b"[".to_vec(), b.messages.join(&b','), b"]".to_vec()].concat();
+                return vec![Output::Letter { reason, original, source: source((b.partition, b.first_offset)) }];
+            }
+        };
+        let parts = pieces.iter().filter(|p| matches!(p, Piece::Part { .. })).count();
         let tenant = shared.registry.index().get(&b.key.sub_id).map(|s| s.tenant.clone()).unwrap_or_default();
-        let id = webhook_id(&b.key.sub_id, &format!("bundle:{}:{}", b.key.chat_id, b.key.start_ms));
-        let source = SourceRef { topic: self.topic.clone(), partition: b.partition, offset: b.first_offset };
         let now = self.clock.now_ms();
-        Ok(chat_record(&b.key.sub_id, &tenant, id, "bundle", body, now, source))
+        let into_output = |piece: Piece| match piece {
+            Piece::Part { number, id, body, messages } => {
+                let mut record = chat_record(&b.key.sub_id, &tenant, id, "bundle", body, now, source(origin(messages.start)));
+                record.headers.push((PART_HEADER.to_string(), format!("{number}/{parts}")));
+                Output::Record(record.encode())
+            }
+            Piece::Oversized { index, error } => {
+                tracing::warn!(%error, sub = %b.key.sub_id, chat = %b.key.chat_id, "A chat message does not fit in a bundle part; sending it to the dead-letter topic.");
+                Output::Letter { reason: error, original: b.messages[index].clone(), source: source(origin(index)) }
+            }
+        };
+        pieces.into_iter().map(into_output).collect()
     }
 
-    /// A bundle's delivery record was acknowledged: forget the bundle.
+    /// Every delivery record (or dead letter) of a bundle was acknowledged: forget the bundle.
     pub fn emitted(&mut self, shared: &Shared, key: &BundleKey) {
         self.emitting.remove(key);
         if let Err(error) = self.store.remove(key) {
@@ -314,13 +358,25 @@ impl ChatStage {
         shared.metrics.open_bundles.set(self.store.open_bundles() as i64);
     }
 
-    /// The position to store for a chat partition now, if it moved forward.
+    /// The position to store for a chat partition now, if it moved forward: the offset
+    /// tracker's (every record read below it finished), held at the first offset of the
+    /// oldest bundle of the partition not yet removed. With no bundle open it is the
+    /// tracker's, so pass-through and unmatched traffic is committed as it finishes. Before
+    /// anything was read since the assignment, the settled position stands in for the
+    /// tracker (every record below it finished when it was recorded); without one, nothing
+    /// is stored.
     pub fn position(&mut self, tracker: &OffsetTracker, partition: i32) -> Option<i64> {
         let tp: Tp = (self.topic.clone(), partition);
-        let store = self.store.position(partition).ok().flatten();
-        let pos = match (tracker.position(&tp), store) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
+        let read = match tracker.position(&tp) {
+            Some(read) => read,
+            None => self.store.settled(partition).ok().flatten()?,
+        };
+        let pos = match self.store.low_watermark(partition) {
+            Ok(open) => open.map_or(read, |open| open.min(read)),
+            Err(error) => {
+                tracing::error!(%error, partition, "Reading the low-watermark failed; position not stored.");
+                return None;
+            }
         };
         if self.stored.get(&partition).is_some_and(|s| *s >= pos) {
             return None;

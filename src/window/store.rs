@@ -78,6 +78,9 @@ pub struct Bundle {
     pub header: Vec<u8>,
     /// Ordered by (ts, partition, offset).
     pub messages: Vec<Vec<u8>>,
+    /// (partition, offset) of each of `messages`, in the same order: where a dead letter of
+    /// one message points.
+    pub origins: Vec<(i32, i64)>,
     pub first_ts_ms: i64,
     pub last_ts_ms: i64,
     /// Holds at least one message that arrived after its own window was emitted.
@@ -260,11 +263,13 @@ impl WindowStore {
             Some(inline) => inline.clone(),
             None => self.tree.get(tagged(b'h', &[&id]))?.ok_or_else(|| corrupt("bundle header"))?.to_vec(),
         };
-        let (mut messages, mut first_ts_ms, mut last_ts_ms) = (Vec::new(), i64::MAX, i64::MIN);
+        let (mut messages, mut origins, mut first_ts_ms, mut last_ts_ms) = (Vec::new(), Vec::new(), i64::MAX, i64::MIN);
         for kv in self.tree.scan_prefix(tagged(b'm', &[&id])) {
             let (k, v) = kv?;
-            let ts = unord(&k[k.len() - 20..k.len() - 12]);
+            let n = k.len();
+            let ts = unord(&k[n - 20..n - 12]);
             (first_ts_ms, last_ts_ms) = (first_ts_ms.min(ts), last_ts_ms.max(ts));
+            origins.push((u32::from_be_bytes([k[n - 12], k[n - 11], k[n - 10], k[n - 9]]) as i32, unord(&k[n - 8..])));
             messages.push(v.to_vec());
         }
         if !meta.emitting {
@@ -289,6 +294,7 @@ impl WindowStore {
             end_ms: meta.end_ms,
             header,
             messages,
+            origins,
             first_ts_ms,
             last_ts_ms,
             late: meta.late,
@@ -309,17 +315,21 @@ impl WindowStore {
         self.tree.apply_batch(b)
     }
 
-    /// The offset of `partition` that may be committed: the smallest first offset of any
-    /// bundle of that partition not yet removed, else checkpoint + 1, else None.
+    /// The offset of `partition` that may be committed as far as this store knows: the
+    /// smallest first offset of any bundle of that partition not yet removed, else
+    /// checkpoint + 1, else None.
     pub fn position(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
         // Checkpoint first: an `apply` landing between the two reads then only makes the
         // answer smaller than it could be, never larger.
         let ckpt = self.checkpoint(partition)?;
+        Ok(self.low_watermark(partition)?.or(ckpt.map(|c| c.saturating_add(1))))
+    }
+
+    /// The smallest first offset of any bundle of `partition` not yet removed (open, or
+    /// emitted and not acknowledged); None when the partition holds no bundle.
+    pub fn low_watermark(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
         let prefix = [&[b'w'][..], &(partition as u32).to_be_bytes()].concat();
-        if let Some((k, _)) = self.tree.scan_prefix(prefix).next().transpose()? {
-            return Ok(Some(unord(&k[5..13])));
-        }
-        Ok(ckpt.map(|c| c.saturating_add(1)))
+        Ok(self.tree.scan_prefix(prefix).next().transpose()?.map(|(k, _)| unord(&k[5..13])))
     }
 
     /// Forgets a partition revoked by a rebalance (the new owner rebuilds its bundles by
@@ -805,13 +815,14 @@ mod tests {
         assert_eq!((s.position(0).unwrap(), s.checkpoint(0).unwrap()), (Some(10), Some(14)));
         let a = key("s", "a", 0);
         assert_eq!(s.begin_emit(&a).unwrap().unwrap().first_offset, 10);
-        assert_eq!(s.position(0).unwrap(), Some(10), "emitted but not acknowledged: still held");
+        assert_eq!((s.position(0).unwrap(), s.low_watermark(0).unwrap()), (Some(10), Some(10)), "emitted but not acknowledged: still held");
         s.remove(&a).unwrap();
         assert_eq!(s.position(0).unwrap(), Some(11));
         s.remove(&key("s", "b", 0)).unwrap();
         assert_eq!(s.position(0).unwrap(), Some(14));
         s.remove(&key("s", "c", H)).unwrap();
         assert_eq!(s.position(0).unwrap(), Some(15), "nothing open: one past the checkpoint");
+        assert_eq!(s.low_watermark(0).unwrap(), None, "no bundle of the partition left");
         s.remove(&key("s", "c", H)).unwrap();
         assert_eq!((s.open_bundles(), s.position(9).unwrap()), (0, None));
         assert!(s.due(i64::MAX, 10).unwrap().is_empty());
@@ -930,6 +941,7 @@ mod tests {
         s.apply(&[msg("s", "c", 0, 4, 20, b"t20"), msg("s", "c", 0, 5, 0, b"t0")]).unwrap();
         let b = s.begin_emit(&key("s", "c", 0)).unwrap().unwrap();
         assert_eq!(texts(&b), ["t0", "t10", "t20", "t30p0", "t30p1", "t50"]);
+        assert_eq!(b.origins, [(0, 5), (0, 2), (0, 4), (0, 3), (1, 1), (0, 1)], "(partition, offset) of each message");
         assert_eq!((b.first_ts_ms, b.last_ts_ms, b.partition, b.first_offset), (0, 50, 0, 1));
         s.apply(&[msg("s", "neg", 0, 6, -3, b"-3"), msg("s", "neg", 0, 7, -H, b"-H"), msg("s", "neg", 0, 8, -1, b"-1")]).unwrap();
         let b = s.begin_emit(&key("s", "neg", -H)).unwrap().unwrap();

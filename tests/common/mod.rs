@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod chat;
 pub mod kafka;
 pub mod receiver;
 
@@ -100,6 +101,42 @@ pub async fn produce(p: &FutureProducer, topic: &str, key: &str, value: Option<&
         r = r.payload(v);
     }
     p.send(r, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
+}
+
+/// [`produce`] to one given partition.
+pub async fn produce_to(p: &FutureProducer, topic: &str, partition: i32, key: &str, value: &str) {
+    let r: FutureRecord<'_, str, str> = FutureRecord::to(topic).partition(partition).key(key).payload(value);
+    p.send(r, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
+}
+
+/// Reads a consumer group's committed offsets, as an operator's tool would (the reader does
+/// not join the group).
+pub struct GroupOffsets(BaseConsumer);
+
+impl GroupOffsets {
+    pub fn new(brokers: &str, group: &str) -> Self {
+        let c = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        Self(c)
+    }
+
+    /// The committed offset of each of `partitions` of `topic`; None where nothing is committed.
+    pub fn committed(&self, topic: &str, partitions: &[i32]) -> Vec<Option<i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let got = self.0.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        let offset = |p: i32| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        partitions.iter().map(|p| offset(*p)).collect()
+    }
 }
 
 /// A CRM event in the wire shape of DESIGN section 3.
