@@ -358,6 +358,18 @@ pub fn store_position(consumer: &TrackedConsumer, topic: &str, partition: i32, p
     }
 }
 
+/// The final commit and the consumer's close (it leaves the group), off the runtime: both
+/// block, the commit up to librdkafka's timeout.
+pub async fn commit_and_close(consumer: TrackedConsumer, stage: &'static str) {
+    let closed = tokio::task::spawn_blocking(move || {
+        final_commit(&consumer, stage);
+        drop(consumer);
+    });
+    if let Err(error) = closed.await {
+        tracing::error!(%error, stage, "Closing the consumer failed.");
+    }
+}
+
 /// Commits stored offsets synchronously at shutdown; "nothing stored since the last commit"
 /// is the normal case, not an error.
 pub fn final_commit(consumer: &TrackedConsumer, stage: &'static str) {

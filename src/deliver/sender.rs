@@ -177,14 +177,7 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     state.record_settled(&ctx, settled);
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
-    // The synchronous commit and the consumer's close (leaving the group) block: off the runtime.
-    let closed = tokio::task::spawn_blocking(move || {
-        crate::kafka::final_commit(&consumer, "sender");
-        drop(consumer);
-    });
-    if let Err(error) = closed.await {
-        tracing::error!(%error, "Closing the sender consumer failed.");
-    }
+    crate::kafka::commit_and_close(consumer, "sender").await;
     Ok(())
 }
 

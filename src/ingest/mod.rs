@@ -356,6 +356,6 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
     if let Err(error) = s.db.flush_async().await {
         tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
     }
-    crate::kafka::final_commit(&consumer, "ingest");
+    crate::kafka::commit_and_close(consumer, "ingest").await;
     Ok(())
 }
