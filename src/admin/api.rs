@@ -237,7 +237,9 @@ async fn replay(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: axum
         r.not_before_ms = chrono::Utc::now().timestamp_millis();
         r.last_error = None;
         let topic = &s.config.topics.deliveries;
-        crate::kafka::produce_until_acked(&s.producer, topic, Some(id.as_bytes()), &r.encode(), None, &stop).await.map_err(internal)?;
+        crate::kafka::produce_until_acked(&s.producer, &s.metrics, topic, Some(id.as_bytes()), &r.encode(), None, &stop)
+            .await
+            .map_err(internal)?;
         let a = Activity { at_ms: r.not_before_ms, action: Action::Replayed, delivery_id: Some(r.id.clone()), attempt: None, detail: None };
         s.endpoints.push_activity(&id, a).map_err(internal)?;
     }

@@ -102,7 +102,7 @@ pub async fn on_failure(
 async fn publish(shared: &Shared, sub: Subscription, stop: &CancellationToken) -> Result<(), String> {
     let value = serde_json::to_vec(&sub).map_err(|e| e.to_string())?;
     shared.registry.apply([Change::Upsert(sub.clone())]);
-    produce_until_acked(&shared.producer, &shared.config.topics.subscriptions, Some(sub.id.as_bytes()), &value, None, stop)
+    produce_until_acked(&shared.producer, &shared.metrics, &shared.config.topics.subscriptions, Some(sub.id.as_bytes()), &value, None, stop)
         .await
         .map_err(|e| format!("publishing subscription `{}`: {e}", sub.id))
 }
@@ -147,7 +147,9 @@ async fn notify(shared: &Shared, sub: &Subscription, kind: &str, last_error: &st
     });
     let bytes = value.to_string();
     let topic = &shared.config.topics.notifications;
-    if let Err(error) = produce_until_acked(&shared.producer, topic, Some(sub.id.as_bytes()), bytes.as_bytes(), None, stop).await {
+    if let Err(error) =
+        produce_until_acked(&shared.producer, &shared.metrics, topic, Some(sub.id.as_bytes()), bytes.as_bytes(), None, stop).await
+    {
         tracing::error!(%error, "Notification not produced.");
     }
 }

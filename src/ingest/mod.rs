@@ -13,7 +13,9 @@
 //! ([`crate::kafka::TrackingContext`]), so the records of open bundles are not read again.
 //!
 //! Bad input never stops the stage: it becomes a dead letter with the reason. A render error
-//! for one subscription dead-letters that (event, subscription) pair only.
+//! for one subscription dead-letters that (event, subscription) pair only, and so does a
+//! delivery record Kafka refuses for good (too large, ...: stage `produce`, the source
+//! record as the value), so no single record can stop a partition.
 
 pub mod chat;
 pub mod event;
@@ -30,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::deliver::record::{webhook_id, DeliveryRecord};
-use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, SourceRef, TrackedConsumer};
+use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, SourceRef, TrackedConsumer};
 use crate::route::subscription::Source;
 use crate::window::stage::{ChatStage, Emission};
 use crate::window::store::{BundleKey, WindowStore};
@@ -46,6 +48,8 @@ pub struct Work {
     pub deliveries: Vec<(String, Vec<u8>)>,
     /// (reason, subscription id if the failure was one subscription's).
     letters: Vec<(String, Option<String>)>,
+    /// The input record's bytes: the value of its dead letters, including one for a delivery
+    /// record that Kafka refuses when it is produced.
     original: Vec<u8>,
     key: Option<Vec<u8>>,
 }
@@ -57,7 +61,7 @@ impl Work {
             offset: msg.offset(),
             deliveries: Vec::new(),
             letters: Vec::new(),
-            original: Vec::new(),
+            original: msg.payload().unwrap_or_default().to_vec(),
             key: msg.key().map(<[u8]>::to_vec),
         }
     }
@@ -125,31 +129,72 @@ fn source_label(shared: &Shared, topic: &str) -> &'static str {
     }
 }
 
-/// Produces a record's deliveries and dead letters; true when all are acknowledged.
+/// Produces a record's deliveries and dead letters; true when all are acknowledged. A
+/// delivery record Kafka refuses for good is replaced by a dead letter of the input record
+/// for that subscription (stage `produce`, reason `too_large: ...` and the like).
 async fn settle(shared: &Shared, work: &Work, stop: &CancellationToken) -> bool {
-    let topic = &shared.config.topics.deliveries;
+    let (topic, m) = (&shared.config.topics.deliveries, &shared.metrics);
     let sends =
-        work.deliveries.iter().map(|(sub, bytes)| produce_until_acked(&shared.producer, topic, Some(sub.as_bytes()), bytes, None, stop));
-    if futures::future::join_all(sends).await.iter().any(Result::is_err) {
-        return false;
+        work.deliveries.iter().map(|(sub, bytes)| produce_until_acked(&shared.producer, m, topic, Some(sub.as_bytes()), bytes, None, stop));
+    let results = futures::future::join_all(sends).await;
+    let mut letters: Vec<(String, Option<&str>, &'static str)> = work
+        .letters
+        .iter()
+        .map(|(reason, sub)| (reason.clone(), sub.as_deref(), if sub.is_some() { "render" } else { "ingest" }))
+        .collect();
+    let mut produced = 0;
+    for ((sub, _), result) in work.deliveries.iter().zip(results) {
+        match result {
+            Ok(()) => produced += 1,
+            Err(ProduceError::Canceled) => return false,
+            Err(refused) => {
+                let reason = refused.dlq_reason("delivery record", sub, shared.config.kafka.max_message_bytes);
+                letters.push((reason, Some(sub.as_str()), "produce"));
+            }
+        }
     }
     let label = source_label(shared, &work.tp.0);
-    shared.metrics.deliveries_produced.with_label_values(&[label]).inc_by(work.deliveries.len() as u64);
-    for (reason, sub) in &work.letters {
-        let stage = if sub.is_some() { "render" } else { "ingest" };
-        let letter = DeadLetter {
-            original: &work.original,
-            key: work.key.as_deref(),
-            reason: reason.clone(),
-            stage,
-            source: work.source(),
-            subscription_id: sub.as_deref(),
-        };
+    shared.metrics.deliveries_produced.with_label_values(&[label]).inc_by(produced);
+    for (reason, sub, stage) in letters {
+        let letter =
+            DeadLetter { original: &work.original, key: work.key.as_deref(), reason, stage, source: work.source(), subscription_id: sub };
         if dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, stop).await.is_err() {
             return false;
         }
     }
     true
+}
+
+/// Produces a bundle's delivery record. One that Kafka refuses for good is dead-lettered
+/// instead (stage `produce`), with the bundle's body as the value (what the endpoint would
+/// have received; the record's base64 would be a third larger), so the bundle is finished
+/// either way and the partition's low-watermark moves on.
+async fn emit_bundle(
+    shared: &Shared,
+    sub_id: &str,
+    record: &[u8],
+    source: SourceRef,
+    stop: &CancellationToken,
+) -> Result<(), ProduceError> {
+    let topic = &shared.config.topics.deliveries;
+    let refused = match produce_until_acked(&shared.producer, &shared.metrics, topic, Some(sub_id.as_bytes()), record, None, stop).await {
+        Ok(()) => {
+            shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
+            return Ok(());
+        }
+        Err(ProduceError::Canceled) => return Err(ProduceError::Canceled),
+        Err(refused) => refused,
+    };
+    let body = DeliveryRecord::decode(record).map(|r| r.body).unwrap_or_else(|_| record.to_vec());
+    let letter = DeadLetter {
+        original: &body,
+        key: Some(sub_id.as_bytes()),
+        reason: refused.dlq_reason("bundle delivery record", sub_id, shared.config.kafka.max_message_bytes),
+        stage: "produce",
+        source,
+        subscription_id: Some(sub_id),
+    };
+    dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, stop).await
 }
 
 /// What a settling task reports back to the loop.
@@ -186,24 +231,10 @@ impl Ingest {
         let (shared, done, stop) = (self.shared.clone(), self.done.clone(), self.stop.clone());
         let topic = self.chat.topic().to_string();
         self.tasks.spawn(async move {
+            let source = SourceRef { topic, partition: e.partition, offset: e.first_offset };
             let sent = match &e.record {
-                Ok(record) => {
-                    let r = produce_until_acked(
-                        &shared.producer,
-                        &shared.config.topics.deliveries,
-                        Some(e.sub_id.as_bytes()),
-                        record,
-                        None,
-                        &stop,
-                    )
-                    .await;
-                    if r.is_ok() {
-                        shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
-                    }
-                    r
-                }
+                Ok(record) => emit_bundle(&shared, &e.sub_id, record, source, &stop).await,
                 Err((reason, original)) => {
-                    let source = SourceRef { topic, partition: e.partition, offset: e.first_offset };
                     let letter = DeadLetter {
                         original,
                         key: Some(e.sub_id.as_bytes()),
