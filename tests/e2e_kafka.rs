@@ -193,6 +193,17 @@ async fn missing_topics_are_created_at_start_up() {
         }
     })
     .await;
+    // With room for every record the producer takes: kafka.max_message_bytes (2 MiB) + 61.
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
+    let names = topics.all();
+    let specs: Vec<ResourceSpecifier<'_>> = names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    for resource in admin.describe_configs(&specs, &AdminOptions::new()).await.unwrap() {
+        let resource = resource.unwrap();
+        let limit = resource.get("max.message.bytes").and_then(|e| e.value.clone());
+        assert_eq!(limit.as_deref(), Some("2097213"), "{:?}", resource.specifier);
+    }
     unsafe { libc::kill(hookd.id() as i32, libc::SIGTERM) };
     assert!(hookd.wait().unwrap().success());
 }
