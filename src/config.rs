@@ -81,6 +81,12 @@ pub struct KafkaConfig {
     pub fetch_wait_max_ms: u64,
     /// Producer compression (`none`, `lz4`, `zstd`, `snappy`, `gzip`).
     pub compression: String,
+    /// The largest record hookd produces (the producer's `message.max.bytes`); hookd creates
+    /// its topics with `max.message.bytes` just above it and warns at start-up about existing
+    /// ones below. 2 MiB holds the delivery record of a body of `ingest.max_record_bytes`
+    /// (1 MiB: 4/3 of it in base64, plus the envelope), checked by [`Config::validate`]
+    /// ([`crate::kafka::limits`]). A larger record is dead-lettered as `too_large`.
+    pub max_message_bytes: usize,
     /// Extra librdkafka properties for every client (TLS, SASL, ...), passed as given.
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -100,6 +106,7 @@ impl Default for KafkaConfig {
             linger_ms: 1,
             fetch_wait_max_ms: 100,
             compression: "lz4".into(),
+            max_message_bytes: 2 << 20,
             librdkafka: BTreeMap::new(),
         }
     }
@@ -172,7 +179,8 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
-    /// Larger input records go to the dead-letter topic.
+    /// Larger input records go to the dead-letter topic. Must leave room for the delivery
+    /// record within `kafka.max_message_bytes` ([`crate::kafka::limits`]).
     pub max_record_bytes: usize,
     /// Records read but not yet finished; reading pauses above it (backpressure).
     pub max_in_flight: usize,
@@ -372,6 +380,7 @@ impl Config {
         if self.ingest.max_in_flight == 0 || self.ingest.max_record_bytes == 0 {
             return Err(invalid("ingest.max_in_flight and ingest.max_record_bytes must be at least 1".into()));
         }
+        crate::kafka::limits::validate(self).map_err(invalid)?;
         let dialects = Dialects::new(&self.dialect).map_err(|e| invalid(format!("dialect: {e}")))?;
         if self.chat.max_batch == 0 || self.chat.close_interval_ms == 0 || self.chat.batch_interval_ms == 0 {
             return Err(invalid("chat.max_batch, close_interval_ms and batch_interval_ms must be at least 1".into()));

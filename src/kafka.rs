@@ -1,6 +1,13 @@
-//! Kafka plumbing shared by the stages: client settings, topic creation, and producing
-//! records that must not be lost (dead letters, deliveries) with a retry until the broker
-//! acknowledges them.
+//! Kafka plumbing shared by the stages: client settings, topic creation, size limits
+//! ([`limits`]), producing records that must not be lost with a retry until the broker
+//! acknowledges them or refuses them for good ([`produce`]), and dead letters ([`dlq`]).
+
+pub mod dlq;
+pub mod limits;
+pub mod produce;
+
+pub use dlq::{dead_letter, DeadLetter};
+pub use produce::{produce_until_acked, PermanentReason, ProduceError};
 
 use std::time::Duration;
 
@@ -8,9 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
+use rdkafka::producer::FutureProducer;
 
 use crate::config::Config;
 
@@ -24,13 +29,24 @@ pub fn client_config(config: &Config) -> ClientConfig {
     c
 }
 
-/// An idempotent producer: a broker retry cannot duplicate or reorder a record.
-pub fn producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+/// librdkafka's default `batch.size`.
+const DEFAULT_BATCH_BYTES: usize = 1_000_000;
+
+/// An idempotent producer: a broker retry cannot duplicate or reorder a record. Records over
+/// `kafka.max_message_bytes` are refused locally ([`limits`]). `smallest_topic_limit` is the
+/// smallest `max.message.bytes` of a topic hookd writes that is below what it needs
+/// ([`limits::check_topics`]): batches are kept under it, so the broker refuses only a record
+/// that is too large by itself, never a batch of small ones.
+pub fn producer(config: &Config, smallest_topic_limit: Option<usize>) -> Result<FutureProducer, KafkaError> {
     let mut c = client_config(config);
     c.set("enable.idempotence", "true")
         .set("linger.ms", config.kafka.linger_ms.to_string())
         .set("compression.type", &config.kafka.compression)
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "30000")
+        .set("message.max.bytes", config.kafka.max_message_bytes.to_string());
+    if let Some(limit) = smallest_topic_limit {
+        c.set("batch.size", limit.clamp(1, DEFAULT_BATCH_BYTES).to_string());
+    }
     for (k, v) in &config.kafka.librdkafka {
         c.set(k, v);
     }
@@ -59,7 +75,9 @@ pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
     c
 }
 
-/// Creates hookd's topics when missing. Existing topics are left as they are.
+/// Creates hookd's topics when missing, with `max.message.bytes` large enough for every
+/// record the producer takes ([`limits::topic_limit_needed`]). Existing topics are left as
+/// they are ([`limits::check_topics`] looks at their limit).
 pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config).create()?;
     // A metadata request blocks its thread (up to 10 s): on a blocking thread, not a worker.
@@ -72,9 +90,11 @@ pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
     let existing = existing?;
     let t = &config.topics;
     let (parts, rf) = (config.kafka.partitions, config.kafka.replication_factor);
+    let limit = limits::topic_limit_needed(config.kafka.max_message_bytes).to_string();
     let plain = [&t.crm_events, &t.chat_messages, &t.deliveries, &t.retry, &t.dlq, &t.notifications];
     let mut topics: Vec<NewTopic> = plain.iter().map(|name| NewTopic::new(name, parts, TopicReplication::Fixed(rf))).collect();
     topics.push(NewTopic::new(&t.subscriptions, parts, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact"));
+    let mut topics: Vec<NewTopic> = topics.into_iter().map(|nt| nt.set("max.message.bytes", &limit)).collect();
     topics.retain(|nt| !existing.contains(nt.name));
     if topics.is_empty() {
         return Ok(());
@@ -107,89 +127,6 @@ pub struct SourceRef {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-}
-
-/// A record for `hookd.dlq`: the original bytes as the value (so it can be re-produced as it
-/// is) and why, where and when in headers.
-pub struct DeadLetter<'a> {
-    pub original: &'a [u8],
-    pub key: Option<&'a [u8]>,
-    pub reason: String,
-    pub stage: &'static str,
-    pub source: SourceRef,
-    pub subscription_id: Option<&'a str>,
-}
-
-impl DeadLetter<'_> {
-    pub fn headers(&self) -> OwnedHeaders {
-        let partition = self.source.partition.to_string();
-        let offset = self.source.offset.to_string();
-        let at = chrono::Utc::now().to_rfc3339();
-        let mut h = OwnedHeaders::new()
-            .insert(Header { key: "hookd-dlq-reason", value: Some(self.reason.as_str()) })
-            .insert(Header { key: "hookd-dlq-stage", value: Some(self.stage) })
-            .insert(Header { key: "hookd-dlq-topic", value: Some(self.source.topic.as_str()) })
-            .insert(Header { key: "hookd-dlq-partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "hookd-dlq-offset", value: Some(offset.as_str()) })
-            .insert(Header { key: "hookd-dlq-at", value: Some(at.as_str()) });
-        if let Some(sub) = self.subscription_id {
-            h = h.insert(Header { key: "hookd-dlq-subscription", value: Some(sub) });
-        }
-        h
-    }
-}
-
-/// Produces until the broker acknowledges, backing off between failures; gives up only when
-/// `shutdown` fires (the caller then leaves the source offset unstored, so the work is redone
-/// after restart).
-pub async fn produce_until_acked(
-    producer: &FutureProducer,
-    topic: &str,
-    key: Option<&[u8]>,
-    payload: &[u8],
-    headers: Option<OwnedHeaders>,
-    shutdown: &CancellationToken,
-) -> Result<(), KafkaError> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(payload);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        if let Some(h) = headers.clone() {
-            record = record.headers(h);
-        }
-        let error = tokio::select! {
-            r = producer.send(record, Duration::from_secs(5)) => match r {
-                Ok(_) => return Ok(()),
-                Err((e, _)) => e,
-            },
-            _ = shutdown.cancelled() => return Err(KafkaError::Canceled),
-        };
-        tracing::warn!(%error, topic, "Produce failed; retrying.");
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.cancelled() => return Err(KafkaError::Canceled),
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Writes one dead letter, acknowledged, and counts it.
-pub async fn dead_letter(
-    producer: &FutureProducer,
-    config: &Config,
-    metrics: &crate::telemetry::Metrics,
-    letter: DeadLetter<'_>,
-    shutdown: &CancellationToken,
-) -> Result<(), KafkaError> {
-    tracing::warn!(
-        reason = %letter.reason, stage = letter.stage, topic = %letter.source.topic,
-        partition = letter.source.partition, offset = letter.source.offset, "Record sent to the dead-letter topic."
-    );
-    produce_until_acked(producer, &config.topics.dlq, letter.key, letter.original, Some(letter.headers()), shutdown).await?;
-    metrics.dlq_records.with_label_values(&[letter.stage]).inc();
-    Ok(())
 }
 
 /// Partitions revoked and assigned by a rebalance, handed from the consumer's callback (which

@@ -14,7 +14,8 @@
 //!   store, dead-letters exhausted deliveries; owns the delivery topics' offsets.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on `admin.listen`.
 //! - [`telemetry`]: the Prometheus metrics.
-//! - [`kafka`]: client settings, topic creation, acknowledged produce, dead letters.
+//! - [`kafka`]: client settings, topic creation, size limits, acknowledged produce (with
+//!   permanent refusals told from transient failures), dead letters.
 //! - [`demo`]: `hookd demo`, the whole job on an embedded broker.
 //!
 //! [`run`] takes the shutdown signal as a parameter, so tests supply their own.
@@ -137,7 +138,8 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
     if wiped {
         metrics.state_wipes.inc();
     }
-    let producer = kafka::producer(&config)?;
+    let smallest_topic_limit = kafka::limits::check_topics(&config, &metrics).await;
+    let producer = kafka::producer(&config, smallest_topic_limit)?;
     let admin_producer = deliver::publish::admin_producer(&config)?;
     let endpoints = endpoint::EndpointStore::open(park.db())?;
     let registry = Registry::new(&config.subscription);

@@ -71,6 +71,7 @@ async fn main() -> ExitCode {
         Command::CheckConfig { file } => match hookd::config::Config::load(&file) {
             Ok(c) => {
                 println!("{}: ok ({} static subscriptions, {} custom dialects)", file.display(), c.subscription.len(), c.dialect.len());
+                println!("{}", hookd::kafka::limits::summary(&c));
                 Ok(())
             }
             Err(e) => Err(e.into()),

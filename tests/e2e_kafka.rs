@@ -167,6 +167,99 @@ async fn missing_topics_are_created_at_start_up() {
         }
     })
     .await;
+    // With room for every record the producer takes: kafka.max_message_bytes (2 MiB) + 61.
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).create().unwrap();
+    let names = topics.all();
+    let specs: Vec<ResourceSpecifier<'_>> = names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    for resource in admin.describe_configs(&specs, &AdminOptions::new()).await.unwrap() {
+        let resource = resource.unwrap();
+        let limit = resource.get("max.message.bytes").and_then(|e| e.value.clone());
+        assert_eq!(limit.as_deref(), Some("2097213"), "{:?}", resource.specifier);
+    }
     unsafe { libc::kill(hookd.id() as i32, libc::SIGTERM) };
     assert!(hookd.wait().unwrap().success());
+}
+
+/// The broker's own size check, which the mock cluster does not have: a delivery topic
+/// created with a small `max.message.bytes` refuses a record the producer takes. hookd says
+/// so at start-up, dead-letters that record as `too_large`, keeps its batches under the
+/// topic's limit so the small records around it are not refused with it, and moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_the_topics_max_message_bytes_is_dead_lettered_and_the_partition_moves_on() {
+    let broker = Kafka::shared();
+    let topics = Topics::unique("limits");
+    let names = topics.all();
+    let specs: Vec<common::kafka::TopicSpec<'_>> = names
+        .iter()
+        .map(|n| {
+            let config: &[(&str, &str)] = if n.ends_with("hookd.deliveries") {
+                &[("max.message.bytes", "200000")]
+            } else if n.ends_with("hookd.subscriptions") {
+                &[("cleanup.policy", "compact")]
+            } else {
+                &[]
+            };
+            (n.as_str(), 3, config)
+        })
+        .collect();
+    common::kafka::create_topics_with_config(&broker.bootstrap, &specs);
+    // The subscriptions reader gives up on "not leader" for its start-up watermarks, which a
+    // partition this new may still answer for a moment: wait until each one answers.
+    let (b, subs) = (broker.bootstrap.clone(), topics.name("hookd.subscriptions"));
+    wait_until(Duration::from_secs(30), "the subscriptions topic answering watermark requests", || {
+        let (b, subs) = (b.clone(), subs.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::{BaseConsumer, Consumer};
+                let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+                (0..3).all(|p| c.fetch_watermarks(&subs, p, Duration::from_secs(2)).is_ok())
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    let rx = Receiver::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let extra =
+        format!("[[subscription]]\nid = \"s\"\ntenant = \"t\"\nurl = \"{}\"\ndialect = \"standard\"\n{}", rx.url("/s"), topics.toml());
+    let mut cfg = config(&broker.bootstrap, state.path(), &extra);
+    cfg.kafka.group_id = topics.group_id.clone();
+    let (daemon, stop) = start_daemon(cfg).await;
+    // Every topic hookd writes is below 2 MiB + 61: the delivery topic at 200000, the others
+    // at the broker's default of 1048588.
+    assert_eq!(daemon.shared.metrics.topics_below_limit.get(), 5);
+
+    let crm = topics.name("crm.events");
+    let p = producer(&broker.bootstrap);
+    // Incompressible: the broker checks the batch as compressed (lz4).
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let noise: String = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[(x % 62) as usize])
+        })
+        .collect();
+    let large = crm_event("large", "t", "contact.created", json!({ "blob": noise }));
+    let (partition, first) = produce_at(&p, &crm, "k", large.as_bytes()).await;
+    let mut last = first;
+    for i in 0..20 {
+        last = produce_at(&p, &crm, "k", crm_event(&format!("small-{i}"), "t", "contact.created", json!({"n": i})).as_bytes()).await.1;
+    }
+    rx.wait_for(20, Duration::from_secs(60)).await;
+    let letters = read_topic(&broker.bootstrap, &topics.name("hookd.dlq"), 1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1, "only the large record is refused, none of the small ones batched with it");
+    let l = &letters[0];
+    assert_eq!(rdkafka::Message::payload(l), Some(large.as_bytes()));
+    let reason = header(l, "hookd-dlq-reason").unwrap();
+    assert!(reason.starts_with("too_large: delivery record of ") && reason.contains("hookd.deliveries"), "{reason}");
+    assert_eq!(header(l, "hookd-dlq-offset"), Some(first.to_string()));
+    wait_committed_past(&broker.bootstrap, &topics.group_id, &crm, partition, last).await;
+    assert_eq!(rx.requests().len(), 20);
+    stop.cancel();
+    daemon.wait().await.unwrap();
 }

@@ -16,6 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::kafka::ProduceError;
 use crate::Shared;
 
 /// librdkafka looks for timed-out messages about once a second; the bounded attempt waits
@@ -79,10 +80,11 @@ pub async fn publish(shared: &Shared, via: Via<'_>, topic: &str, key: &str, valu
 async fn write(shared: &Shared, via: Via<'_>, topic: &str, key: &str, value: &[u8]) -> Result<(), PublishError> {
     match via {
         Via::UntilAcked(stop) => {
-            match crate::kafka::produce_until_acked(&shared.producer, topic, Some(key.as_bytes()), value, None, stop).await {
+            match crate::kafka::produce_until_acked(&shared.producer, &shared.metrics, topic, Some(key.as_bytes()), value, None, stop).await
+            {
                 Ok(()) => Ok(()),
-                Err(KafkaError::Canceled) => Err(PublishError::Stopped { topic: topic.to_string() }),
-                Err(source) => Err(PublishError::Refused { topic: topic.to_string(), source }),
+                Err(ProduceError::Canceled) => Err(PublishError::Stopped { topic: topic.to_string() }),
+                Err(ProduceError::Permanent { error, .. }) => Err(PublishError::Refused { topic: topic.to_string(), source: error }),
             }
         }
         Via::Admin => bounded(&shared.admin_producer, shared.config.admin.produce_timeout_ms, topic, key, value).await,

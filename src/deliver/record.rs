@@ -10,6 +10,10 @@ use sha2::{Digest, Sha256};
 
 use crate::kafka::SourceRef;
 
+/// `last_error` is cut to this many bytes, so a delivery record's envelope has a bound
+/// (`kafka::limits::DELIVERY_ENVELOPE_BYTES`).
+pub const MAX_LAST_ERROR_BYTES: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
     /// `webhook-id`: stable across replays and retries of the same event and subscription.
@@ -58,7 +62,13 @@ impl DeliveryRecord {
 
     /// The record for the next send after a failure.
     pub fn next_attempt(&self, not_before_ms: i64, error: String) -> Self {
-        Self { attempt: self.attempt + 1, not_before_ms, last_error: Some(error), ..self.clone() }
+        Self { attempt: self.attempt + 1, not_before_ms, ..self.with_error(error) }
+    }
+
+    /// This record with `error` (cut to [`MAX_LAST_ERROR_BYTES`]) as its `last_error`.
+    pub fn with_error(&self, mut error: String) -> Self {
+        error.truncate(crate::kafka::dlq::prefix(&error, MAX_LAST_ERROR_BYTES).len());
+        Self { last_error: Some(error), ..self.clone() }
     }
 }
 
@@ -108,6 +118,8 @@ mod tests {
         assert_eq!(DeliveryRecord::decode(&r.encode()).unwrap(), r);
         let next = r.next_attempt(99, "status 500".into());
         assert_eq!((next.attempt, next.not_before_ms, next.id.as_str()), (2, 99, "msg_x"));
+        let long = r.next_attempt(1, "ü".repeat(MAX_LAST_ERROR_BYTES)).last_error.unwrap();
+        assert_eq!(long.len(), MAX_LAST_ERROR_BYTES, "cut on a character boundary, bounded");
         assert!(DeliveryRecord::decode(b"{}").unwrap_err().contains("invalid delivery record"));
     }
 }

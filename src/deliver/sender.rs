@@ -19,7 +19,7 @@ use super::schedule::Schedule;
 use super::signature;
 use crate::ingest::offsets::{OffsetTracker, Tp};
 use crate::kafka::{
-    dead_letter, produce_until_acked, store_position, DeadLetter, RebalanceLog, SourceRef, TrackedConsumer, TrackingContext,
+    dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, RebalanceLog, SourceRef, TrackedConsumer, TrackingContext,
 };
 use crate::route::subscription::Subscription;
 use crate::{Error, Shared};
@@ -485,11 +485,27 @@ fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin
             let ctx = ctx.clone();
             tasks.spawn(async move {
                 let s = &ctx.shared;
-                let key = record.subscription_id.clone();
-                let sent =
-                    produce_until_acked(&s.producer, &s.config.topics.retry, Some(key.as_bytes()), &record.encode(), None, &ctx.hard_stop)
-                        .await;
-                if sent.is_ok() {
+                let key = record.subscription_id.as_bytes();
+                let sent = match produce_until_acked(
+                    &s.producer,
+                    &s.metrics,
+                    &s.config.topics.retry,
+                    Some(key),
+                    &record.encode(),
+                    None,
+                    &ctx.hard_stop,
+                )
+                .await
+                {
+                    Ok(()) => true,
+                    Err(ProduceError::Canceled) => false,
+                    Err(refused) => {
+                        let reason =
+                            refused.dlq_reason("deferred delivery record", &record.subscription_id, s.config.kafka.max_message_bytes);
+                        give_up(&ctx, &record, reason, "produce", "refused").await
+                    }
+                };
+                if sent {
                     let _ = ctx.done.send(origin);
                 }
             });
@@ -539,34 +555,49 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
         let delay = retry_delay(base, attempt.retry_after, rand::random::<f64>(), bounds);
         let next = record.next_attempt(now_ms() + delay.as_millis() as i64, error.clone());
         tracing::info!(subscription = %sub.id, webhook_id = %record.id, attempt = record.attempt, %error, retry_in_secs = delay.as_secs(), "Delivery failed; will retry.");
-        let sent =
-            produce_until_acked(&s.producer, &s.config.topics.retry, Some(sub.id.as_bytes()), &next.encode(), None, &ctx.hard_stop).await;
-        if sent.is_ok() {
-            s.metrics.deliveries.with_label_values(&["retry"]).inc();
-        }
-        return sent.is_ok();
+        let retry = &s.config.topics.retry;
+        return match produce_until_acked(&s.producer, &s.metrics, retry, Some(sub.id.as_bytes()), &next.encode(), None, &ctx.hard_stop)
+            .await
+        {
+            Ok(()) => {
+                s.metrics.deliveries.with_label_values(&["retry"]).inc();
+                true
+            }
+            Err(ProduceError::Canceled) => false,
+            Err(refused) => {
+                let reason = refused.dlq_reason("retry record", &sub.id, s.config.kafka.max_message_bytes);
+                give_up(ctx, &record.with_error(error), reason, "produce", "refused").await
+            }
+        };
     }
     let reason = format!("gave up after {} attempt(s): {error}", record.attempt);
-    tracing::warn!(subscription = %sub.id, webhook_id = %record.id, %reason, "Delivery exhausted.");
-    let mut last = record.clone();
-    last.last_error = Some(error);
-    let encoded = last.encode();
-    if let Err(e) = s.endpoints.push_failed(&sub.id, &record.id, now_ms(), &encoded) {
+    give_up(ctx, &record.with_error(error), reason, "deliver", "exhausted").await
+}
+
+/// Ends a delivery that is not sent again: keeps it for replay (the admin API) and writes it
+/// to the dead-letter topic, counted under `outcome`: exhausted (no attempts left) or refused
+/// (Kafka refused its retry or deferral record for good). True once the letter is acknowledged.
+async fn give_up(ctx: &Ctx, record: &DeliveryRecord, reason: String, stage: &'static str, outcome: &'static str) -> bool {
+    let s = &ctx.shared;
+    let sub = record.subscription_id.as_str();
+    tracing::warn!(subscription = %sub, webhook_id = %record.id, %reason, outcome, "Delivery given up.");
+    let encoded = record.encode();
+    if let Err(e) = s.endpoints.push_failed(sub, &record.id, now_ms(), &encoded) {
         tracing::error!(error = %e, "Keeping the failed delivery for replay failed.");
     }
     let letter = DeadLetter {
         original: &encoded,
-        key: Some(sub.id.as_bytes()),
+        key: Some(sub.as_bytes()),
         reason,
-        stage: "deliver",
+        stage,
         source: record.source.clone(),
-        subscription_id: Some(&sub.id),
+        subscription_id: Some(sub),
     };
-    let sent = dead_letter(&s.producer, &s.config, &s.metrics, letter, &ctx.hard_stop).await;
-    if sent.is_ok() {
-        s.metrics.deliveries.with_label_values(&["exhausted"]).inc();
+    let sent = dead_letter(&s.producer, &s.config, &s.metrics, letter, &ctx.hard_stop).await.is_ok();
+    if sent {
+        s.metrics.deliveries.with_label_values(&[outcome]).inc();
     }
-    sent.is_ok()
+    sent
 }
 
 /// Content type, Standard Webhooks headers, dialect headers, then the subscription's own.

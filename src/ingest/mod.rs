@@ -13,7 +13,9 @@
 //! ([`crate::kafka::TrackingContext`]), so the records of open bundles are not read again.
 //!
 //! Bad input never stops the stage: it becomes a dead letter with the reason. A render error
-//! for one subscription dead-letters that (event, subscription) pair only.
+//! for one subscription dead-letters that (event, subscription) pair only, and so does a
+//! delivery record Kafka refuses for good (too large, ...: stage `produce`, the source
+//! record as the value), so no single record can stop a partition.
 
 pub mod chat;
 pub mod event;
@@ -30,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::deliver::record::{webhook_id, DeliveryRecord};
-use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, SourceRef, TrackedConsumer};
+use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, SourceRef, TrackedConsumer};
 use crate::route::subscription::Source;
 use crate::window::stage::{ChatStage, Emission};
 use crate::window::store::{BundleKey, WindowStore};
@@ -46,6 +48,8 @@ pub struct Work {
     pub deliveries: Vec<(String, Vec<u8>)>,
     /// (reason, subscription id if the failure was one subscription's).
     letters: Vec<(String, Option<String>)>,
+    /// The input record's bytes: the value of its dead letters, including one for a delivery
+    /// record that Kafka refuses when it is produced.
     original: Vec<u8>,
     key: Option<Vec<u8>>,
 }
@@ -57,7 +61,7 @@ impl Work {
             offset: msg.offset(),
             deliveries: Vec::new(),
             letters: Vec::new(),
-            original: Vec::new(),
+            original: msg.payload().unwrap_or_default().to_vec(),
             key: msg.key().map(<[u8]>::to_vec),
         }
     }
@@ -125,26 +129,35 @@ fn source_label(shared: &Shared, topic: &str) -> &'static str {
     }
 }
 
-/// Produces a record's deliveries and dead letters; true when all are acknowledged.
+/// Produces a record's deliveries and dead letters; true when all are acknowledged. A
+/// delivery record Kafka refuses for good is replaced by a dead letter of the input record
+/// for that subscription (stage `produce`, reason `too_large: ...` and the like).
 async fn settle(shared: &Shared, work: &Work, stop: &CancellationToken) -> bool {
-    let topic = &shared.config.topics.deliveries;
+    let (topic, m) = (&shared.config.topics.deliveries, &shared.metrics);
     let sends =
-        work.deliveries.iter().map(|(sub, bytes)| produce_until_acked(&shared.producer, topic, Some(sub.as_bytes()), bytes, None, stop));
-    if futures::future::join_all(sends).await.iter().any(Result::is_err) {
-        return false;
+        work.deliveries.iter().map(|(sub, bytes)| produce_until_acked(&shared.producer, m, topic, Some(sub.as_bytes()), bytes, None, stop));
+    let results = futures::future::join_all(sends).await;
+    let mut letters: Vec<(String, Option<&str>, &'static str)> = work
+        .letters
+        .iter()
+        .map(|(reason, sub)| (reason.clone(), sub.as_deref(), if sub.is_some() { "render" } else { "ingest" }))
+        .collect();
+    let mut produced = 0;
+    for ((sub, _), result) in work.deliveries.iter().zip(results) {
+        match result {
+            Ok(()) => produced += 1,
+            Err(ProduceError::Canceled) => return false,
+            Err(refused) => {
+                let reason = refused.dlq_reason("delivery record", sub, shared.config.kafka.max_message_bytes);
+                letters.push((reason, Some(sub.as_str()), "produce"));
+            }
+        }
     }
     let label = source_label(shared, &work.tp.0);
-    shared.metrics.deliveries_produced.with_label_values(&[label]).inc_by(work.deliveries.len() as u64);
-    for (reason, sub) in &work.letters {
-        let stage = if sub.is_some() { "render" } else { "ingest" };
-        let letter = DeadLetter {
-            original: &work.original,
-            key: work.key.as_deref(),
-            reason: reason.clone(),
-            stage,
-            source: work.source(),
-            subscription_id: sub.as_deref(),
-        };
+    shared.metrics.deliveries_produced.with_label_values(&[label]).inc_by(produced);
+    for (reason, sub, stage) in letters {
+        let letter =
+            DeadLetter { original: &work.original, key: work.key.as_deref(), reason, stage, source: work.source(), subscription_id: sub };
         if dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, stop).await.is_err() {
             return false;
         }

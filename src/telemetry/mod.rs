@@ -18,7 +18,8 @@ pub struct Metrics {
     /// Input records that matched no subscription, by `source`.
     pub events_unmatched: IntCounterVec,
     /// Finished deliveries by `outcome`: success, retry (failed, will be sent again),
-    /// exhausted (failed, no attempts left, sent to the DLQ), dropped (subscription gone).
+    /// exhausted (failed, no attempts left, sent to the DLQ), dropped (subscription gone),
+    /// refused (its retry or deferral record refused by Kafka for good, sent to the DLQ).
     pub deliveries: IntCounterVec,
     /// Failed requests by error `kind` (status, timeout, connect, dns, blocked, ...).
     pub request_errors: IntCounterVec,
@@ -31,8 +32,15 @@ pub struct Metrics {
     /// Deliveries deferred (parked) by `reason`: busy (subscription queue full), disabled,
     /// unverified. Parked deliveries are kept, not lost, and sent once the reason is gone.
     pub deliveries_deferred: IntCounterVec,
-    /// Records written to `hookd.dlq`, by `stage` (ingest, render, deliver, subscriptions).
+    /// Records written to `hookd.dlq`, by `stage` (ingest, render, produce, deliver, subscriptions).
     pub dlq_records: IntCounterVec,
+    /// Dead letters too large for `hookd.dlq`, written truncated (`hookd-dlq-truncated`).
+    pub dlq_truncated: IntCounter,
+    /// Failed produce attempts by `reason`: transient (retried), or why Kafka refused the
+    /// record for good (too_large, invalid_record, unknown_topic, unauthorized).
+    pub produce_errors: IntCounterVec,
+    /// Topics hookd writes whose `max.message.bytes` is below what it may produce (start-up check).
+    pub topics_below_limit: IntGauge,
     /// Requests in flight now.
     pub requests_in_flight: IntGauge,
     /// Subscriptions known (config and topic).
@@ -143,6 +151,9 @@ impl Metrics {
             retry_queue_depth: gauge(&r, "hookd_retry_queue_depth", "Deliveries parked in the retry store"),
             deliveries_deferred: counter(&r, "hookd_deliveries_deferred_total", "Deliveries deferred to the retry topic", &["reason"]),
             dlq_records: counter(&r, "hookd_dlq_records_total", "Records written to the dead-letter topic", &["stage"]),
+            dlq_truncated: int_counter(&r, "hookd_dlq_truncated_total", "Dead letters written truncated (too large for the topic)"),
+            produce_errors: counter(&r, "hookd_produce_errors_total", "Failed produce attempts, by reason", &["reason"]),
+            topics_below_limit: gauge(&r, "hookd_topics_below_limit", "Topics whose max.message.bytes is below kafka.max_message_bytes"),
             requests_in_flight: gauge(&r, "hookd_requests_in_flight", "Webhook requests in flight"),
             subscriptions: gauge(&r, "hookd_subscriptions", "Subscriptions known"),
             resume_skipped: counter(

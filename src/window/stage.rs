@@ -15,7 +15,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +25,7 @@ use crate::deliver::record::{webhook_id, DeliveryRecord};
 use crate::ingest::chat::ChatMessage;
 use crate::ingest::offsets::{OffsetTracker, Tp};
 use crate::ingest::Work;
-use crate::kafka::{dead_letter, produce_until_acked, DeadLetter, SourceRef};
+use crate::kafka::{dead_letter, produce_until_acked, DeadLetter, ProduceError, SourceRef};
 use crate::render::timelines::{self, Summary};
 use crate::route::subscription::{Aggregation, Source};
 use crate::Shared;
@@ -203,14 +202,11 @@ impl Emission {
     /// Produces the outputs one after the other, each acknowledged before the next, so the
     /// parts are on `hookd.deliveries` in order. An error (shutdown) leaves the bundle stored:
     /// it is emitted again, all parts under the same ids.
-    pub async fn send(&self, shared: &Shared, stop: &CancellationToken) -> Result<(), KafkaError> {
+    pub async fn send(&self, shared: &Shared, stop: &CancellationToken) -> Result<(), ProduceError> {
         let key = Some(self.sub_id.as_bytes());
         for output in &self.outputs {
             match output {
-                Output::Record(record) => {
-                    produce_until_acked(&shared.producer, &shared.config.topics.deliveries, key, record, None, stop).await?;
-                    shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
-                }
+                Output::Record(record) => self.send_part(shared, record, stop).await?,
                 Output::Letter { reason, original, source } => {
                     let (reason, source, subscription_id) = (reason.to_string(), source.clone(), Some(self.sub_id.as_str()));
                     let letter = DeadLetter { original, key, reason, stage: "render", source, subscription_id };
@@ -222,6 +218,34 @@ impl Emission {
             shared.metrics.bundles_split.inc();
         }
         Ok(())
+    }
+
+    /// Produces one part. A part Kafka refuses for good (too large for the topic's
+    /// `max.message.bytes`, say) has its body dead-lettered (stage `produce`, the source of its
+    /// first message) and the bundle goes on: nothing holds the partition's offsets forever.
+    async fn send_part(&self, shared: &Shared, record: &[u8], stop: &CancellationToken) -> Result<(), ProduceError> {
+        let (key, topic) = (Some(self.sub_id.as_bytes()), &shared.config.topics.deliveries);
+        let refused = match produce_until_acked(&shared.producer, &shared.metrics, topic, key, record, None, stop).await {
+            Ok(()) => {
+                shared.metrics.deliveries_produced.with_label_values(&["chat"]).inc();
+                return Ok(());
+            }
+            Err(ProduceError::Canceled) => return Err(ProduceError::Canceled),
+            Err(refused) => refused,
+        };
+        let decoded = DeliveryRecord::decode(record).ok();
+        let source =
+            decoded.as_ref().map(|r| r.source.clone()).unwrap_or(SourceRef { topic: topic.clone(), partition: self.partition, offset: -1 });
+        let body = decoded.map(|r| r.body).unwrap_or_else(|| record.to_vec());
+        let letter = DeadLetter {
+            original: &body,
+            key,
+            reason: refused.dlq_reason("bundle delivery record", &self.sub_id, shared.config.kafka.max_message_bytes),
+            stage: "produce",
+            source,
+            subscription_id: Some(&self.sub_id),
+        };
+        dead_letter(&shared.producer, &shared.config, &shared.metrics, letter, stop).await
     }
 }
 

@@ -176,13 +176,16 @@ impl Topics {
         out
     }
 
-    /// Creates the seven topics with `partitions` each (subscriptions compacted).
+    /// Creates the seven topics with `partitions` each (subscriptions compacted), with the
+    /// `max.message.bytes` hookd gives the topics it creates (`kafka.max_message_bytes` + 61).
     pub fn create(&self, bootstrap: &str, partitions: i32) {
+        const LIMIT: (&str, &str) = ("max.message.bytes", "2097213");
         let names = self.all();
         let specs: Vec<TopicSpec<'_>> = names
             .iter()
             .map(|n| {
-                let config: &[(&str, &str)] = if n.ends_with("hookd.subscriptions") { &[("cleanup.policy", "compact")] } else { &[] };
+                let config: &[(&str, &str)] =
+                    if n.ends_with("hookd.subscriptions") { &[("cleanup.policy", "compact"), LIMIT] } else { &[LIMIT] };
                 (n.as_str(), partitions, config)
             })
             .collect();

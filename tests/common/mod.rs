@@ -139,6 +139,30 @@ impl GroupOffsets {
     }
 }
 
+/// Produces one record and returns where it landed: (partition, offset).
+pub async fn produce_at(p: &FutureProducer, topic: &str, key: &str, value: &[u8]) -> (i32, i64) {
+    let r: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key).payload(value);
+    let d = p.send(r, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
+    (d.partition, d.offset)
+}
+
+/// The offset `group` has committed for one partition, if any (read off the async threads).
+pub async fn committed_offset(brokers: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    let (brokers, group, topic) = (brokers.to_string(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || GroupOffsets::new(&brokers, &group).committed(&topic, &[partition])[0])
+        .await
+        .expect("committed offsets read")
+}
+
+/// Waits until `group` has committed past `offset` of the partition: every record up to it
+/// is finished.
+pub async fn wait_committed_past(brokers: &str, group: &str, topic: &str, partition: i32, offset: i64) {
+    wait_until(Duration::from_secs(30), &format!("{group} committed past {topic}/{partition}@{offset}"), || async move {
+        committed_offset(brokers, group, topic, partition).await.is_some_and(|c| c > offset)
+    })
+    .await;
+}
+
 /// A CRM event in the wire shape of DESIGN section 3.
 pub fn crm_event(id: &str, tenant: &str, event_type: &str, data: serde_json::Value) -> String {
     serde_json::json!({"id": id, "tenant": tenant, "type": event_type, "occurred_at": 1618118040123i64, "data": data}).to_string()
