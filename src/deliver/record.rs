@@ -52,6 +52,25 @@ pub fn webhook_id(subscription_id: &str, item_id: &str) -> String {
 }
 
 impl DeliveryRecord {
+    /// A small record for tests: subscription `sub`, due at `due`, id `msg_<due>`.
+    #[cfg(test)]
+    pub(crate) fn sample(sub: &str, due: i64) -> Self {
+        Self {
+            id: format!("msg_{due}"),
+            subscription_id: sub.into(),
+            tenant: "t".into(),
+            event_name: "e".into(),
+            attempt: 2,
+            not_before_ms: due,
+            created_ms: 0,
+            content_type: "application/json".into(),
+            body: b"{}".to_vec(),
+            headers: vec![],
+            last_error: None,
+            source: crate::kafka::SourceRef { topic: "crm.events".into(), partition: 0, offset: 0 },
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("delivery record serialises")
     }

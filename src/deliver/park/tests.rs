@@ -1,23 +1,9 @@
 //! Tests of the retry store on real sled files.
 
 use super::*;
-use crate::kafka::SourceRef;
 
 fn rec(due: i64) -> DeliveryRecord {
-    DeliveryRecord {
-        id: format!("msg_{due}"),
-        subscription_id: "s".into(),
-        tenant: "t".into(),
-        event_name: "e".into(),
-        attempt: 2,
-        not_before_ms: due,
-        created_ms: 0,
-        content_type: "application/json".into(),
-        body: b"{}".to_vec(),
-        headers: vec![],
-        last_error: None,
-        source: SourceRef { topic: "crm.events".into(), partition: 0, offset: 0 },
-    }
+    DeliveryRecord::sample("s", due)
 }
 
 #[test]
