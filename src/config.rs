@@ -72,12 +72,10 @@ pub struct KafkaConfig {
     /// throughput and costs each of the two produce hops of a delivery at most 1 ms.
     pub linger_ms: u64,
     /// Consumer `fetch.wait.max.ms`: how long the broker may hold a fetch when there is no
-    /// new data. librdkafka's default (500) is harmless on Apache Kafka, which answers as soon
-    /// as data arrives, but some brokers (tansu 0.6) hold every fetch about this long, data
-    /// or not, which puts up to twice this on each of a delivery's two consumer hops. Lower
-    /// values mean more empty fetches while idle (one per consumer per this interval), and on
-    /// tansu 0.6 below 100 the broker fell behind under a sustained 1,000 events/s
-    /// (docs/PERFORMANCE.md), so 100 is the default.
+    /// new data. Apache Kafka answers a waiting fetch as soon as data arrives, so this mostly
+    /// paces idle fetches; measured at 1,000 events/s (docs/PERFORMANCE.md), 100 gave the
+    /// lowest tail (10 was no better, librdkafka's 500 put up to a second on the broker's p99),
+    /// so 100 is the default.
     pub fetch_wait_max_ms: u64,
     /// Producer compression (`none`, `lz4`, `zstd`, `snappy`, `gzip`).
     pub compression: String,
