@@ -234,8 +234,11 @@ impl Emission {
             Err(refused) => refused,
         };
         let decoded = DeliveryRecord::decode(record).ok();
-        let source =
-            decoded.as_ref().map(|r| r.source.clone()).unwrap_or(SourceRef { topic: topic.clone(), partition: self.partition, offset: -1 });
+        let source = decoded.as_ref().map(|r| r.source.clone()).unwrap_or(SourceRef {
+            topic: shared.config.topics.chat_messages.clone(),
+            partition: self.partition,
+            offset: -1,
+        });
         let body = decoded.map(|r| r.body).unwrap_or_else(|| record.to_vec());
         let letter = DeadLetter {
             original: &body,

@@ -247,12 +247,6 @@ pub fn create_topics_with_config(bootstrap: &str, topics: &[TopicSpec<'_>]) {
     }
 }
 
-/// Creates topics without configs; see [`create_topics_with_config`].
-pub fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
-    let specs: Vec<TopicSpec<'_>> = topics.iter().map(|&(name, partitions)| (name, partitions, &[][..])).collect();
-    create_topics_with_config(bootstrap, &specs);
-}
-
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka")
 }
