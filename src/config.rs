@@ -253,11 +253,16 @@ pub struct ShutdownConfig {
     /// How long in-flight requests may finish after SIGTERM before they are abandoned
     /// (abandoned ones are not committed and are sent again after restart).
     pub grace_ms: u64,
+    /// The longest a stop may take from the first SIGTERM or ctrl-c: past it the process
+    /// exits with status 1 whatever is still running (a consumer close stuck in librdkafka),
+    /// like `kill -9`, which loses nothing. At least `grace_ms` + 15 s (the final commits,
+    /// consumer closes and producer flush).
+    pub deadline_ms: u64,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { grace_ms: 10_000 }
+        Self { grace_ms: 10_000, deadline_ms: 30_000 }
     }
 }
 
@@ -318,6 +323,10 @@ impl ShutdownConfig {
     pub fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
     }
+
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
 }
 
 impl Config {
@@ -377,6 +386,11 @@ impl Config {
         }
         if self.ingest.max_in_flight == 0 || self.ingest.max_record_bytes == 0 {
             return Err(invalid("ingest.max_in_flight and ingest.max_record_bytes must be at least 1".into()));
+        }
+        if self.shutdown.deadline_ms < self.shutdown.grace_ms.saturating_add(15_000) {
+            return Err(invalid(
+                "shutdown.deadline_ms must be at least shutdown.grace_ms + 15000 (time for the final commits and closes)".into(),
+            ));
         }
         crate::kafka::limits::validate(self).map_err(invalid)?;
         let dialects = Dialects::new(&self.dialect).map_err(|e| invalid(format!("dialect: {e}")))?;

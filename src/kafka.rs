@@ -295,15 +295,42 @@ pub fn store_position(consumer: &TrackedConsumer, topic: &str, partition: i32, p
     }
 }
 
-/// The final commit and the consumer's close (it leaves the group), off the runtime: both
-/// block, the commit up to librdkafka's timeout.
-pub async fn commit_and_close(consumer: TrackedConsumer, stage: &'static str) {
-    let closed = tokio::task::spawn_blocking(move || {
+/// How long the final commit and the consumer's close may take together. librdkafka's close
+/// waits for the group to be left and can wait for ever when a rebalance is stuck (rust-rdkafka
+/// #509); past this bound hookd goes on stopping and leaves the close to the process's exit.
+/// Nothing is lost: what was not committed is replayed after restart.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The final commit and the consumer's close (it leaves the group): [`close_detached`].
+pub async fn commit_and_close(consumer: TrackedConsumer, stage: &'static str, metrics: &crate::telemetry::Metrics) {
+    close_detached(stage, metrics, move || {
         final_commit(&consumer, stage);
         drop(consumer);
+    })
+    .await
+}
+
+/// Runs `close` (a consumer's final commit and drop, which block) on a thread of its own and
+/// waits for it at most [`CLOSE_TIMEOUT`]. Not a `spawn_blocking` task: a runtime waits for
+/// those when it is dropped, so a stuck close would hold the process (or a test) for ever; a
+/// detached thread ends with the process. A failure or timeout is logged and counted.
+pub async fn close_detached(stage: &'static str, metrics: &crate::telemetry::Metrics, close: impl FnOnce() + Send + 'static) {
+    let (done, closed) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name(format!("{stage}-close")).spawn(move || {
+        close();
+        let _ = done.send(());
     });
-    if let Err(error) = closed.await {
-        tracing::error!(%error, stage, "Closing the consumer failed.");
+    let failure = match spawned {
+        Err(error) => Some(format!("thread not started: {error}")),
+        Ok(_) => match tokio::time::timeout(CLOSE_TIMEOUT, closed).await {
+            Ok(Ok(())) => None,
+            Ok(Err(_)) => Some("the closing thread panicked".to_string()),
+            Err(_) => Some(format!("not closed within {CLOSE_TIMEOUT:?}; stopping without waiting for it")),
+        },
+    };
+    if let Some(error) = failure {
+        metrics.kafka_errors.with_label_values(&["close"]).inc();
+        tracing::error!(%error, stage, "Closing the consumer failed; uncommitted work is replayed after restart.");
     }
 }
 
@@ -316,5 +343,37 @@ pub fn final_commit(consumer: &TrackedConsumer, stage: &'static str) {
             tracing::info!(stage, "Finished offsets committed.");
         }
         Err(error) => tracing::warn!(%error, stage, "Final commit failed; the unfinished tail will be replayed."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A close that never returns (librdkafka stuck in a rebalance) holds the stop for
+    /// [`CLOSE_TIMEOUT`], not for ever, and is counted.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_close_is_abandoned_after_the_timeout_and_counted() {
+        let metrics = crate::telemetry::Metrics::new();
+        let (_never, stuck) = std::sync::mpsc::channel::<()>();
+        close_detached("ingest", &metrics, move || {
+            let _ = stuck.recv_timeout(Duration::from_secs(3600));
+        })
+        .await;
+        assert_eq!(metrics.kafka_errors.with_label_values(&["close"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_close_that_finishes_is_waited_for_and_not_an_error() {
+        let metrics = crate::telemetry::Metrics::new();
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = closed.clone();
+        close_detached("ingest", &metrics, move || {
+            std::thread::sleep(Duration::from_millis(50));
+            c.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await;
+        assert!(closed.load(std::sync::atomic::Ordering::SeqCst), "returned before the close finished");
+        assert_eq!(metrics.kafka_errors.with_label_values(&["close"]).get(), 0);
     }
 }

@@ -14,6 +14,7 @@
 //!   store, dead-letters exhausted deliveries; owns the delivery topics' offsets.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on `admin.listen`.
 //! - [`telemetry`]: the Prometheus metrics.
+//! - [`shutdown`]: bounded stop steps.
 //! - [`kafka`]: client settings, topic creation, size limits, acknowledged produce (with
 //!   permanent refusals told from transient failures), dead letters.
 //! - [`demo`]: `hookd demo`, the whole job on an embedded broker.
@@ -29,6 +30,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod render;
 pub mod route;
+pub mod shutdown;
 pub mod telemetry;
 pub mod window;
 
@@ -151,9 +153,11 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
     let stages = supervise(shared.clone(), park, shutdown);
     // `wait` returns only once nothing holds the state store any more, so a restart in the
     // same process (or a test) can open it again.
+    let metrics = shared.metrics.clone();
     let handle = tokio::spawn(async move {
         let result = stages.await;
-        let _ = server.await;
+        // Graceful: waits for open admin connections (a client's keep-alive) to finish.
+        let _ = shutdown::bounded(&metrics, "admin_server", shutdown::STEP_TIMEOUT, server).await;
         result
     });
     Ok(Running { admin, shared, handle })

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -35,8 +36,10 @@ enum Command {
     },
 }
 
-/// Cancels the token on SIGTERM or ctrl-c; a second signal exits at once.
-fn shutdown_on_signals() -> CancellationToken {
+/// Cancels the token on SIGTERM or ctrl-c; a second signal exits at once, and so does the
+/// process when the stop has not finished within `deadline` of the first signal (a stuck
+/// librdkafka close; nothing is lost, restart replays what was not committed).
+fn shutdown_on_signals(deadline: Duration) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -47,8 +50,14 @@ fn shutdown_on_signals() -> CancellationToken {
                 _ = term.recv() => {}
             }
             if n == 0 {
-                tracing::info!("Shutdown signal received; finishing in-flight work (signal again to exit at once).");
+                tracing::info!(?deadline, "Shutdown signal received; finishing in-flight work (signal again to exit at once).");
                 t.cancel();
+                // A thread, not a task: it fires even when the runtime's workers are stuck.
+                std::thread::spawn(move || {
+                    std::thread::sleep(deadline);
+                    tracing::error!(?deadline, "Stop not finished within shutdown.deadline_ms; exiting now.");
+                    std::process::exit(1);
+                });
             } else {
                 tracing::warn!("Second signal; exiting now.");
                 std::process::exit(130);
@@ -58,8 +67,22 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hookd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(cli_main());
+    // Dropping a runtime waits for its blocking tasks without a bound; a stopped daemon has
+    // none left that matter (its state is flushed), so it waits a little, not for ever.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    code
+}
+
+async fn cli_main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
@@ -77,10 +100,15 @@ async fn main() -> ExitCode {
             Err(e) => Err(e.into()),
         },
         Command::Run { config } => match hookd::config::Config::load(&config) {
-            Ok(c) => hookd::run(c, shutdown_on_signals()).await.map_err(Into::into),
+            Ok(c) => {
+                let deadline = c.shutdown.deadline();
+                hookd::run(c, shutdown_on_signals(deadline)).await.map_err(Into::into)
+            }
             Err(e) => Err(e.into()),
         },
-        Command::Demo { listen } => hookd::demo::run(listen, shutdown_on_signals()).await,
+        Command::Demo { listen } => {
+            hookd::demo::run(listen, shutdown_on_signals(hookd::config::ShutdownConfig::default().deadline())).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -99,15 +99,13 @@ async fn kill_and_restart(delete_state: bool) -> Setup {
     let s = setup().await;
     let mut first = spawn_hookd(&s.cfg, &s.dir.path().join("run1.log"));
     until_bundles_open(s.admin).await;
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill();
     if delete_state {
         std::fs::remove_dir_all(s.dir.path().join("state")).expect("state directory existed");
     }
     let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
     until_all_delivered(&s.rx).await;
-    second.kill().unwrap();
-    second.wait().unwrap();
+    second.kill();
     s
 }
 
@@ -128,8 +126,7 @@ async fn sigterm_with_open_bundles_then_restart_continues_them() {
     let s = setup().await;
     let mut first = spawn_hookd(&s.cfg, &s.dir.path().join("run1.log"));
     until_bundles_open(s.admin).await;
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
-    assert!(first.wait().unwrap().success(), "SIGTERM exits 0");
+    assert!(first.terminate().success(), "SIGTERM exits 0");
     let before = s.rx.requests().len();
     let mut second = spawn_hookd(&s.cfg, &s.dir.path().join("run2.log"));
     until_all_delivered(&s.rx).await;
@@ -138,6 +135,5 @@ async fn sigterm_with_open_bundles_then_restart_continues_them() {
     let log = std::fs::read_to_string(s.dir.path().join("run2.log")).unwrap();
     assert!(!log.contains("wiping"), "the state store was reused:\n{log}");
     println!("chat sigterm test: {before} bundles before stop, {} in all", s.rx.requests().len());
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
-    assert!(second.wait().unwrap().success());
+    assert!(second.terminate().success());
 }

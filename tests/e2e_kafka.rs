@@ -85,7 +85,7 @@ struct Run {
     rx: Receiver,
     dir: tempfile::TempDir,
     cfg: std::path::PathBuf,
-    first: std::process::Child,
+    first: common::process::Hookd,
 }
 
 /// Publishes `n` events on fresh topics, starts `hookd` and waits until `delivered` requests
@@ -111,8 +111,7 @@ async fn start_run(name: &str, n: u64, delivered: usize) -> Run {
 async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
     const N: u64 = 3000;
     let Run { rx, dir, cfg, mut first } = start_run("kill", N, 300).await;
-    first.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
-    first.wait().unwrap();
+    first.kill();
     let at_kill = rx.requests().len();
     assert!(at_kill < N as usize, "the kill must land mid-run (got {at_kill} of {N} already)");
 
@@ -124,8 +123,7 @@ async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
     }
     println!("kill test: {N} events, {at_kill} requests before SIGKILL, {total} requests in all, {} duplicates", total - N as usize);
 
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
-    let status = second.wait().unwrap();
+    let status = second.terminate();
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
     let log = std::fs::read_to_string(dir.path().join("run2.log")).unwrap();
     assert!(log.contains("committed") || log.contains("hookd stopped"), "shutdown logged:\n{log}");
@@ -135,16 +133,14 @@ async fn sigkill_mid_run_then_restart_delivers_every_event_with_stable_ids() {
 async fn sigterm_finishes_in_flight_work_and_restart_continues() {
     const N: u64 = 1000;
     let Run { rx, dir, cfg, mut first } = start_run("term", N, 100).await;
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
-    let status = first.wait().unwrap();
+    let status = first.terminate();
     assert!(status.success(), "SIGTERM exits 0, got {status}");
     let after_stop = rx.requests().len();
     let mut second = spawn_hookd(&cfg, &dir.path().join("run2.log"));
     all_delivered(&rx, N, &dir.path().join("run2.log")).await;
     let (_, total) = deliveries(&rx);
     println!("sigterm test: {after_stop} delivered before stop, {total} requests in all");
-    second.kill().unwrap();
-    second.wait().unwrap();
+    second.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,8 +174,7 @@ async fn missing_topics_are_created_at_start_up() {
         let limit = resource.get("max.message.bytes").and_then(|e| e.value.clone());
         assert_eq!(limit.as_deref(), Some("2097213"), "{:?}", resource.specifier);
     }
-    unsafe { libc::kill(hookd.id() as i32, libc::SIGTERM) };
-    assert!(hookd.wait().unwrap().success());
+    assert!(hookd.terminate().success());
 }
 
 /// The broker's own size check, which the mock cluster does not have: a delivery topic

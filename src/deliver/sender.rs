@@ -164,20 +164,27 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
         tokio::select! {
             Some(origin) = done_rx.recv() => state.finished(&ctx, &consumer, origin),
             _ = tasks.wait() => break,
-            _ = &mut grace => { hard_stop.cancel(); tasks.wait().await; break; }
+            _ = &mut grace => {
+                hard_stop.cancel();
+                let _ = crate::shutdown::bounded(&shared.metrics, "delivery_tasks", crate::shutdown::STEP_TIMEOUT, tasks.wait()).await;
+                break;
+            }
         }
     }
     while let Ok(origin) = done_rx.try_recv() {
         state.finished(&ctx, &consumer, origin);
     }
-    let _ = verifier.await;
-    let _ = log_flusher.await;
+    let helpers = async {
+        let _ = verifier.await;
+        let _ = log_flusher.await;
+    };
+    let _ = crate::shutdown::bounded(&shared.metrics, "sender_helpers", crate::shutdown::STEP_TIMEOUT, helpers).await;
     let settled = state.settled(&ctx);
     let _ = ctx.park.flush().await;
     state.record_settled(&ctx, settled);
     let _ = ctx.park.flush().await;
     state.store_parked_positions(&ctx, &consumer);
-    crate::kafka::commit_and_close(consumer, "sender").await;
+    crate::kafka::commit_and_close(consumer, "sender", &shared.metrics).await;
     Ok(())
 }
 

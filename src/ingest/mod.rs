@@ -359,7 +359,11 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
         tokio::select! {
             Some(done) = done_rx.recv() => s.on_done(&consumer, done),
             _ = s.tasks.wait() => break,
-            _ = &mut grace => { s.stop.cancel(); s.tasks.wait().await; break; }
+            _ = &mut grace => {
+                s.stop.cancel();
+                let _ = crate::shutdown::bounded(&shared.metrics, "ingest_tasks", crate::shutdown::STEP_TIMEOUT, s.tasks.wait()).await;
+                break;
+            }
         }
     }
     while let Ok(done) = done_rx.try_recv() {
@@ -369,6 +373,6 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
     if let Err(error) = s.db.flush_async().await {
         tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
     }
-    crate::kafka::commit_and_close(consumer, "ingest").await;
+    crate::kafka::commit_and_close(consumer, "ingest", &shared.metrics).await;
     Ok(())
 }

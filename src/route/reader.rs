@@ -95,13 +95,20 @@ async fn assign_with_retry(
 /// Reads the topic until `shutdown`; fires `loaded` once the start-up read is complete.
 pub async fn run(shared: Arc<Shared>, loaded: tokio::sync::oneshot::Sender<()>, shutdown: CancellationToken) -> Result<(), crate::Error> {
     let config = &shared.config;
-    let topic = config.topics.subscriptions.clone();
     let mut cc = crate::kafka::client_config(config);
     cc.set("group.id", format!("{}.subscriptions", config.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
     let consumer: Arc<StreamConsumer> = Arc::new(cc.create()?);
-    let Some(mut remaining) = assign_with_retry(&shared, &consumer, &topic, &shutdown).await else { return Ok(()) };
+    read(&shared, &consumer, loaded, &shutdown).await;
+    crate::kafka::close_detached("subscriptions", &shared.metrics, move || drop(consumer)).await;
+    Ok(())
+}
+
+async fn read(shared: &Shared, consumer: &Arc<StreamConsumer>, loaded: tokio::sync::oneshot::Sender<()>, shutdown: &CancellationToken) {
+    let config = &shared.config;
+    let topic = config.topics.subscriptions.clone();
+    let Some(mut remaining) = assign_with_retry(shared, consumer, &topic, shutdown).await else { return };
     let mut loaded = Some(loaded);
     let mut batch = Vec::new();
     loop {
@@ -115,7 +122,7 @@ pub async fn run(shared: Arc<Shared>, loaded: tokio::sync::oneshot::Sender<()>, 
         }
         let msg = tokio::select! {
             m = consumer.recv() => m,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
         };
         let msg = match msg {
             Ok(m) => m,
@@ -138,7 +145,7 @@ pub async fn run(shared: Arc<Shared>, loaded: tokio::sync::oneshot::Sender<()>, 
                     source: SourceRef { topic: topic.clone(), partition, offset },
                     subscription_id: None,
                 };
-                let _ = dead_letter(&shared.producer, config, &shared.metrics, letter, &shutdown).await;
+                let _ = dead_letter(&shared.producer, config, &shared.metrics, letter, shutdown).await;
             }
         }
         if loaded.is_none() && !batch.is_empty() {

@@ -78,8 +78,12 @@ pub struct Metrics {
     /// unavailable: Kafka did not acknowledge in time, error).
     pub admin_requests: IntCounterVec,
     /// Kafka client errors a stage logged and rode out, by `stage` (ingest, sender,
-    /// subscriptions); each is also a `warn` log line.
+    /// subscriptions; `close`: a consumer close that failed or did not finish within
+    /// 10 s at shutdown); each is also a log line.
     pub kafka_errors: IntCounterVec,
+    /// Steps of a graceful stop that did not finish in their bound and were left behind, by
+    /// `step` ([`crate::shutdown`]).
+    pub shutdown_overruns: IntCounterVec,
 }
 
 fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
@@ -164,6 +168,7 @@ impl Metrics {
             ),
             chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
             kafka_errors: counter(&r, "hookd_kafka_errors_total", "Kafka client errors ridden out (logged), by stage", &["stage"]),
+            shutdown_overruns: counter(&r, "hookd_shutdown_overruns_total", "Stop steps left unfinished after their bound", &["step"]),
             registry: r,
         }
     }

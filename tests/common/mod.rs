@@ -6,6 +6,7 @@
 pub mod api;
 pub mod chat;
 pub mod kafka;
+pub mod process;
 pub mod receiver;
 
 use std::future::Future;
@@ -245,13 +246,6 @@ pub fn free_port() -> u16 {
 
 /// Starts the `hookd` binary with `run --config <config>`, its log in `log`
 /// (`HOOKD_E2E_LOG` sets `RUST_LOG`, default `info`).
-pub fn spawn_hookd(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_hookd"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", std::env::var("HOOKD_E2E_LOG").unwrap_or_else(|_| "info".into()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("hookd binary starts")
+pub fn spawn_hookd(config: &std::path::Path, log: &std::path::Path) -> process::Hookd {
+    process::Hookd::spawn(config, log)
 }
