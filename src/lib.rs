@@ -15,6 +15,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on `admin.listen`.
 //! - [`telemetry`]: the Prometheus metrics.
 //! - [`shutdown`]: bounded stop steps.
+//! - [`state`]: the sled database and the per-partition protocol of the stores in it.
 //! - [`kafka`]: client settings, topic creation, size limits, acknowledged produce (with
 //!   permanent refusals told from transient failures), dead letters.
 //! - [`demo`]: `hookd demo`, the whole job on an embedded broker.
@@ -31,6 +32,7 @@ pub mod kafka;
 pub mod render;
 pub mod route;
 pub mod shutdown;
+pub mod state;
 pub mod telemetry;
 pub mod window;
 
@@ -44,6 +46,7 @@ use config::Config;
 use deliver::park::ParkStore;
 use render::Dialects;
 use route::Registry;
+use state::StateDb;
 use telemetry::Metrics;
 
 /// Why the daemon stopped with an error.
@@ -135,22 +138,26 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
     // Opening may wait up to 5 s for the directory's lock and counts the parked retries: off
     // the runtime's workers.
     let (path, cache_bytes) = (config.state.path.clone(), config.state.cache_mb << 20);
-    let opened = tokio::task::spawn_blocking(move || ParkStore::open_with_cache(&path, cache_bytes));
-    let (park, wiped) = opened.await.map_err(|_| Error::Stage("state store"))??;
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, sled::Error> {
+        let (state, wiped) = StateDb::open(&path, cache_bytes)?;
+        let park = ParkStore::open(&state)?;
+        Ok((state, park, wiped))
+    });
+    let (state, park, wiped) = opened.await.map_err(|_| Error::Stage("state store"))??;
     if wiped {
         metrics.state_wipes.inc();
     }
     let smallest_topic_limit = kafka::limits::check_topics(&config, &metrics).await;
     let producer = kafka::producer(&config, smallest_topic_limit)?;
     let admin_producer = deliver::publish::admin_producer(&config)?;
-    let endpoints = endpoint::EndpointStore::open(park.db())?;
+    let endpoints = endpoint::EndpointStore::open(state.db())?;
     let registry = Registry::new(&config.subscription);
     let admin_tasks = tokio_util::task::TaskTracker::new();
     let ready = Ready::default();
     let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, admin_producer, admin_tasks, ready, clock, endpoints });
     let (admin, server) = admin::serve(shared.clone(), shutdown.clone()).await?;
     tracing::info!(listen = %admin, "Admin server listening.");
-    let stages = supervise(shared.clone(), park, shutdown);
+    let stages = supervise(shared.clone(), state, park, shutdown);
     // `wait` returns only once nothing holds the state store any more, so a restart in the
     // same process (or a test) can open it again.
     let metrics = shared.metrics.clone();
@@ -164,7 +171,7 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
 }
 
 /// Starts the stages in order and stops them all when one fails or `stop` fires.
-async fn supervise(shared: Arc<Shared>, park: ParkStore, stop: CancellationToken) -> Result<(), Error> {
+async fn supervise(shared: Arc<Shared>, state: StateDb, park: ParkStore, stop: CancellationToken) -> Result<(), Error> {
     let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
     let mut stages = tokio::task::JoinSet::new();
     stages.spawn(tagged("subscriptions", route::reader::run(shared.clone(), loaded_tx, stop.clone())));
@@ -173,8 +180,8 @@ async fn supervise(shared: Arc<Shared>, park: ParkStore, stop: CancellationToken
         _ = stop.cancelled() => {}
         Some(r) = stages.join_next() => { stop.cancel(); return finish(r); }
     }
-    let windows = window::store::WindowStore::open(park.db())?;
-    stages.spawn(tagged("ingest", ingest::run(shared.clone(), windows, park.db().clone(), stop.clone())));
+    let windows = window::store::WindowStore::open(&state)?;
+    stages.spawn(tagged("ingest", ingest::run(shared.clone(), windows, state.clone(), stop.clone())));
     stages.spawn(tagged("sender", deliver::run(shared.clone(), park.clone(), stop.clone())));
     tracing::info!(subscriptions = shared.registry.index().len(), "hookd running.");
     let mut result = Ok(());

@@ -4,10 +4,9 @@
 //! - `p` due_ms(u64 BE) partition(u32 BE) offset(u64 BE) → delivery record: ordered by due
 //!   time, so finding due work is a range scan from the start, never a full scan;
 //! - `s` partition offset → due_ms: the source index, for the low-watermark;
-//! - `c` partition → highest offset applied: the checkpoint;
-//! - `f` partition → the settled position: every record below it is parked here (or was
-//!   removed after its send) or, if unreadable, dead-lettered. Taken before a flush and
-//!   written after it, so it never reaches disk ahead of the parks it covers.
+//! - `c` partition and `f` partition: the checkpoint and the settled position of
+//!   [`crate::state::Partitions`] (settled: every record below it is parked here, or was
+//!   removed after its send, or, if unreadable, dead-lettered).
 //!
 //! Offsets of `hookd.retry` obey DESIGN section 2: the position committed for a partition is
 //! the smallest source offset still parked (its work is unfinished), or one past the
@@ -20,13 +19,13 @@
 //! the count of parked deliveries is kept exactly beside the tree instead of being counted
 //! by a scan: it is counted once at open and moved by every park, remove and drop.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use sled::{Batch, Tree};
 
 use super::record::DeliveryRecord;
+use crate::state::{Partitions, StateDb};
 
 /// One parked delivery.
 #[derive(Debug, Clone)]
@@ -39,37 +38,12 @@ pub struct Parked {
 
 #[derive(Clone)]
 pub struct ParkStore {
-    db: sled::Db,
+    db: StateDb,
     tree: Tree,
+    partitions: Partitions,
     /// Parked deliveries (`s` keys): counted at open, then kept by the writers, so the
     /// `hookd_retry_queue_depth` gauge never needs a scan of the tree.
     parked: Arc<AtomicUsize>,
-}
-
-fn open_db(dir: &Path, cache_bytes: u64) -> Result<(sled::Db, bool), sled::Error> {
-    use std::io::ErrorKind;
-    let config = || sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput);
-    for _ in 0..50 {
-        match config().open() {
-            Ok(db) => return Ok((db, false)),
-            // sled reports a held lock as `Other` with this text (sled 0.34 `config.rs`).
-            Err(sled::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(std::time::Duration::from_millis(100))
-            }
-            Err(sled::Error::Io(e))
-                if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::StorageFull) =>
-            {
-                return Err(sled::Error::Io(e));
-            }
-            Err(error) => {
-                tracing::warn!(%error, path = %dir.display(), "State store unreadable; wiping it and replaying from Kafka.");
-                let _ = std::fs::remove_dir_all(dir);
-                return Ok((config().open()?, true));
-            }
-        }
-    }
-    let msg = format!("state directory {} is locked by another process (is another hookd using the same state.path?)", dir.display());
-    Err(sled::Error::Io(std::io::Error::new(ErrorKind::WouldBlock, msg)))
 }
 
 fn due_key(due_ms: i64, partition: i32, offset: i64) -> [u8; 21] {
@@ -89,22 +63,6 @@ fn src_key(partition: i32, offset: i64) -> [u8; 13] {
     k
 }
 
-/// A per-partition key: `tag` then the partition (u32 BE). Both state trees use it for their
-/// checkpoint (`c`) and settled position (`f`).
-pub(crate) fn partition_key(tag: u8, partition: i32) -> [u8; 5] {
-    let mut k = [tag; 5];
-    k[1..5].copy_from_slice(&(partition as u32).to_be_bytes());
-    k
-}
-
-fn ckpt_key(partition: i32) -> [u8; 5] {
-    partition_key(b'c', partition)
-}
-
-fn settled_key(partition: i32) -> [u8; 5] {
-    partition_key(b'f', partition)
-}
-
 /// Parked deliveries counted by a scan of the `s` keys (once, at open).
 fn count_parked(tree: &Tree) -> usize {
     tree.scan_prefix([b's']).count()
@@ -117,20 +75,11 @@ fn be_i64(v: &[u8]) -> i64 {
 }
 
 impl ParkStore {
-    /// Opens the store in `dir`; an unreadable (corrupt) store is wiped, since Kafka replays
-    /// it. A directory locked by another process is never wiped: opening waits up to 5 s for
-    /// the lock (an instance in this process may still be closing), then fails.
-    /// Returns whether the store was wiped.
-    pub fn open(dir: &Path) -> Result<(Self, bool), sled::Error> {
-        Self::open_with_cache(dir, crate::config::StateConfig::default().cache_mb << 20)
-    }
-
-    /// [`Self::open`] with sled's page cache limited to `cache_bytes` (`state.cache_mb`).
-    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<(Self, bool), sled::Error> {
-        let (db, wiped) = open_db(dir, cache_bytes)?;
-        let tree = db.open_tree("retry")?;
+    /// Opens the `retry` tree and counts the parked deliveries (a scan: off the runtime).
+    pub fn open(db: &StateDb) -> Result<Self, sled::Error> {
+        let tree = db.tree("retry")?;
         let parked = Arc::new(AtomicUsize::new(count_parked(&tree)));
-        Ok((Self { db, tree, parked }, wiped))
+        Ok(Self { db: db.clone(), partitions: Partitions::new(tree.clone()), tree, parked })
     }
 
     /// Parks records of one partition and moves its checkpoint, atomically. A record parked
@@ -149,32 +98,27 @@ impl ParkStore {
             b.insert(&due_key(record.not_before_ms, partition, *offset), record.encode());
             b.insert(&src_key(partition, *offset), &(record.not_before_ms.max(0) as u64).to_be_bytes());
         }
-        if self.checkpoint(partition)?.is_none_or(|c| c < max) {
-            b.insert(&ckpt_key(partition), &(max as u64).to_be_bytes());
-        }
+        let moves = self.partitions.advance(&mut b, [(partition, max)])?;
         self.tree.apply_batch(b)?;
+        self.partitions.applied(moves);
         self.parked.fetch_add(fresh.len(), Ordering::Relaxed);
         Ok(())
     }
 
     /// Highest offset of `partition` already applied to this store.
     pub fn checkpoint(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        Ok(self.tree.get(ckpt_key(partition))?.map(|v| be_i64(&v)))
+        self.partitions.checkpoint(partition)
     }
 
     /// Records that every record of `partition` below `position` is parked or finished; never
     /// moves backwards. Returns whether it moved (then a flush is due).
     pub fn set_settled(&self, partition: i32, position: i64) -> Result<bool, sled::Error> {
-        if self.settled(partition)?.is_some_and(|s| s >= position) {
-            return Ok(false);
-        }
-        self.tree.insert(settled_key(partition), &(position.max(0) as u64).to_be_bytes())?;
-        Ok(true)
+        self.partitions.set_settled(partition, position)
     }
 
     /// Where a consumer of `partition` may resume with this store intact (see `f` above).
     pub fn settled(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        Ok(self.tree.get(settled_key(partition))?.map(|v| be_i64(&v)))
+        self.partitions.settled(partition)
     }
 
     /// Up to `limit` parked deliveries due at `now_ms`, earliest first, passing over those
@@ -243,12 +187,10 @@ impl ParkStore {
     /// The offset of `partition` that may be committed: the smallest parked source offset,
     /// else one past the checkpoint.
     pub fn position(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        let lo = src_key(partition, 0);
-        let hi = src_key(partition, i64::MAX);
-        if let Some((k, _)) = self.tree.range(&lo[..]..=&hi[..]).next().transpose()? {
-            return Ok(Some(be_i64(&k[5..])));
-        }
-        Ok(self.checkpoint(partition)?.map(|c| c + 1))
+        self.partitions.position(partition, || {
+            let (lo, hi) = (src_key(partition, 0), src_key(partition, i64::MAX));
+            Ok(self.tree.range(&lo[..]..=&hi[..]).next().transpose()?.map(|(k, _)| be_i64(&k[5..])))
+        })
     }
 
     /// Forgets a partition given to another instance (it replays from the committed position).
@@ -264,9 +206,9 @@ impl ParkStore {
             b.remove(k);
             n += 1;
         }
-        b.remove(&ckpt_key(partition));
-        b.remove(&settled_key(partition));
+        let moves = self.partitions.forget(&mut b, partition);
         self.tree.apply_batch(b)?;
+        self.partitions.applied(moves);
         self.parked.fetch_sub(n, Ordering::Relaxed);
         Ok(n)
     }
@@ -281,12 +223,7 @@ impl ParkStore {
     }
 
     pub async fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush_async().await.map(|_| ())
-    }
-
-    /// The sled database, for other stages' trees.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+        self.db.flush().await
     }
 }
 

@@ -84,7 +84,8 @@ mod tests {
     #[test]
     fn rows_in_flight_or_not_ours_take_no_place_in_a_tick() {
         let dir = tempfile::tempdir().unwrap();
-        let (park, _) = ParkStore::open(dir.path()).unwrap();
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
+        let park = ParkStore::open(&db).unwrap();
         let stalled: Vec<(i64, DeliveryRecord)> = (0..2_000).map(|o| (o, rec("stalled", 10 + o))).collect();
         park.park(0, &stalled).unwrap();
         park.park(1, &[(1, rec("other", 3_000)), (2, rec("other", 3_001))]).unwrap();

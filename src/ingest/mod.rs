@@ -180,7 +180,7 @@ struct Ingest {
     done: mpsc::UnboundedSender<Done>,
     stop: CancellationToken,
     /// The sled database of the window store, flushed on the close tick.
-    db: sled::Db,
+    db: crate::state::StateDb,
     /// Chat partitions whose position may have moved; stored after the next sled flush.
     chat_dirty: std::collections::HashSet<i32>,
 }
@@ -254,7 +254,7 @@ impl Ingest {
     async fn flush_and_store(&mut self, consumer: &TrackedConsumer) {
         let settled: Vec<(i32, i64)> =
             self.tracker.positions().into_iter().filter(|((t, _), _)| t == self.chat.topic()).map(|((_, p), pos)| (p, pos)).collect();
-        if let Err(error) = self.db.flush_async().await {
+        if let Err(error) = self.db.flush().await {
             return tracing::error!(%error, "Window store flush failed; positions not stored.");
         }
         for (partition, pos) in settled {
@@ -298,7 +298,7 @@ fn chat_resume(chat_topic: &str, windows: WindowStore) -> crate::kafka::Resume {
 
 /// Runs ingest until `shutdown`; then lets in-flight records settle within the grace and
 /// commits what is finished. Open bundles stay in the window store for the next start.
-pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: crate::state::StateDb, shutdown: CancellationToken) -> Result<(), Error> {
     let config = &shared.config;
     let log = Arc::new(crate::kafka::RebalanceLog::default());
     let context = crate::kafka::TrackingContext::new(log.clone()).resuming(chat_resume(&config.topics.chat_messages, windows.clone()));
@@ -370,7 +370,7 @@ pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: sled::Db, shutdo
         s.on_done(&consumer, done);
     }
     s.flush_and_store(&consumer).await;
-    if let Err(error) = s.db.flush_async().await {
+    if let Err(error) = s.db.flush().await {
         tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
     }
     crate::kafka::commit_and_close(consumer, "ingest", &shared.metrics).await;

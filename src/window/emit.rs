@@ -311,7 +311,7 @@ mod tests {
         let stored: Vec<_> = texts.iter().enumerate().map(|(i, t)| stored(i, t)).collect();
         let header = timelines::header_bytes(&stored[0].0);
         let first = {
-            let db = sled::open(dir.path()).unwrap();
+            let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
             let store = WindowStore::open(&db).unwrap();
             let batch: Vec<Incoming<'_>> = stored
                 .iter()
@@ -331,11 +331,11 @@ mod tests {
             store.apply(&batch).unwrap();
             let key = store.due(i64::MAX, 10).unwrap().remove(0);
             let pieces = render(&summary, &store.begin_emit(&key).unwrap().unwrap(), limits(4_096, usize::MAX)).unwrap();
-            db.flush().unwrap();
+            db.flush_blocking().unwrap();
             part_ids(&pieces) // part 1 produced, then the process dies: no `remove`
         };
         assert!(first.len() > 2, "{} parts", first.len());
-        let db = sled::open(dir.path()).unwrap();
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
         let store = WindowStore::open(&db).unwrap();
         let key = store.due(i64::MAX, 10).unwrap().remove(0);
         let again = render(&summary, &store.begin_emit(&key).unwrap().unwrap(), limits(4_096, usize::MAX)).unwrap();

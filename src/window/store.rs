@@ -20,12 +20,9 @@
 //!   back into `d` when the store is opened again, so a crash before `remove` re-emits;
 //! - `w` partition first_offset K → (): the low-watermark index, one entry per partition a
 //!   bundle holds messages of (one, unless the topic was repartitioned);
-//! - `c` partition → highest offset applied: the checkpoint;
-//! - `f` partition → the settled position (finished below): every offset below it is finished (its
-//!   pass-through deliveries acknowledged, its bundle part applied here). Taken by the
-//!   consumer before a flush and written after it, so it never reaches disk ahead of the
-//!   bundle parts it vouches for; on assignment the consumer starts there instead of
-//!   re-reading from the committed low-watermark;
+//! - `c` partition and `f` partition: the checkpoint and the settled position of
+//!   [`crate::state::Partitions`] (settled: every offset below it is finished, its
+//!   pass-through deliveries acknowledged, its bundle part applied here);
 //! - `e` sub chat → end of the last window emitted for the pair: the late marker. A message
 //!   whose window ends at or before it goes to the window starting at it, flagged late.
 //!   Markers are kept after `remove` and `drop_partition` (one small entry per pair);
@@ -40,7 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sled::{Batch, Tree};
 
-use crate::deliver::park::partition_key;
+use crate::state::{Partitions, StateDb};
 
 /// Identifies a bundle: one chat, one subscription, one window.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -113,16 +110,16 @@ pub struct WindowStore {
     tree: Tree,
     /// Serialises read-modify-write of metas, markers and the bundle counter.
     write: Arc<Mutex<()>>,
-    /// The checkpoints as stored, read once per partition: the consumer asks for one per
-    /// message. Changed only under `write`, in the same call that writes the key.
-    checkpoints: Arc<Mutex<HashMap<i32, Option<i64>>>>,
+    /// Checkpoints and settled positions, in the same tree.
+    partitions: Partitions,
 }
 
 impl WindowStore {
     /// Opens the `windows` tree and puts bundles whose emission had begun back in the due
     /// index (the process that began them is gone; emitting again is a duplicate, not a loss).
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        let store = Self { tree: db.open_tree("windows")?, write: Arc::new(Mutex::new(())), checkpoints: Arc::default() };
+    pub fn open(db: &StateDb) -> Result<Self, sled::Error> {
+        let tree = db.tree("windows")?;
+        let store = Self { partitions: Partitions::new(tree.clone()), tree, write: Arc::new(Mutex::new(())) };
         let mut b = Batch::default();
         for kv in store.tree.scan_prefix([b'x']) {
             let (k, _) = kv?;
@@ -149,7 +146,6 @@ impl WindowStore {
         let _write = self.lock();
         let mut markers: HashMap<Vec<u8>, Option<i64>> = HashMap::new();
         let mut slots: HashMap<Vec<u8>, Slot<'_>> = HashMap::new();
-        let mut ckpts: HashMap<i32, i64> = HashMap::new();
         let mut b = Batch::default();
         let mut out = Vec::with_capacity(batch.len());
         for m in batch {
@@ -176,45 +172,19 @@ impl WindowStore {
             slot.meta.add(m, late);
             slot.header.get_or_insert(m.header);
             b.insert(msg_key(&id, m.ts_ms, m.partition, m.offset), m.message);
-            let ckpt = ckpts.entry(m.partition).or_insert(m.offset);
-            *ckpt = (*ckpt).max(m.offset);
             out.push((BundleKey { sub_id: m.sub_id.to_owned(), chat_id: m.chat_id.to_owned(), start_ms }, late));
         }
         let created = write_slots(&mut b, &slots);
-        let mut moved = Vec::new();
-        for (partition, offset) in ckpts {
-            if self.checkpoint_locked(partition)?.is_none_or(|c| c < offset) {
-                b.insert(&ckpt_key(partition), &ord(offset));
-                moved.push((partition, offset));
-            }
-        }
+        let moves = self.partitions.advance(&mut b, batch.iter().map(|m| (m.partition, m.offset)))?;
         self.count_bundles(&mut b, created)?;
         self.tree.apply_batch(b)?;
-        self.cached_checkpoints().extend(moved.into_iter().map(|(p, o)| (p, Some(o))));
+        self.partitions.applied(moves);
         Ok(out)
     }
 
     /// Highest offset of `partition` applied to this store.
     pub fn checkpoint(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        if let Some(c) = self.cached_checkpoints().get(&partition) {
-            return Ok(*c);
-        }
-        let _write = self.lock(); // no `apply` between the read and the cache fill
-        self.checkpoint_locked(partition)
-    }
-
-    /// [`Self::checkpoint`] for a caller holding the write lock.
-    fn checkpoint_locked(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        if let Some(c) = self.cached_checkpoints().get(&partition) {
-            return Ok(*c);
-        }
-        let c = self.tree.get(ckpt_key(partition))?.map(|v| unord(&v));
-        self.cached_checkpoints().insert(partition, c);
-        Ok(c)
-    }
-
-    fn cached_checkpoints(&self) -> MutexGuard<'_, HashMap<i32, Option<i64>>> {
-        self.checkpoints.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.partitions.checkpoint(partition)
     }
 
     /// Records that every offset of `partition` below `position` is finished; never moves
@@ -222,16 +192,13 @@ impl WindowStore {
     /// bundle parts of those offsets are on disk before this entry can be.
     pub fn set_settled(&self, partition: i32, position: i64) -> Result<(), sled::Error> {
         let _write = self.lock();
-        if self.settled(partition)?.is_none_or(|s| s < position) {
-            self.tree.insert(settled_key(partition), &ord(position))?;
-        }
-        Ok(())
+        self.partitions.set_settled(partition, position).map(|_| ())
     }
 
     /// Where a consumer of `partition` may resume with this store intact: every offset below
     /// it is finished. None when the store holds nothing of the partition (new, wiped, dropped).
     pub fn settled(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        Ok(self.tree.get(settled_key(partition))?.map(|v| unord(&v)))
+        self.partitions.settled(partition)
     }
 
     /// Keys of bundles not yet being emitted whose close time (end + grace) is at or before
@@ -319,10 +286,7 @@ impl WindowStore {
     /// smallest first offset of any bundle of that partition not yet removed, else
     /// checkpoint + 1, else None.
     pub fn position(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        // Checkpoint first: an `apply` landing between the two reads then only makes the
-        // answer smaller than it could be, never larger.
-        let ckpt = self.checkpoint(partition)?;
-        Ok(self.low_watermark(partition)?.or(ckpt.map(|c| c.saturating_add(1))))
+        self.partitions.position(partition, || self.low_watermark(partition))
     }
 
     /// The smallest first offset of any bundle of `partition` not yet removed (open, or
@@ -352,11 +316,10 @@ impl WindowStore {
                 Some(meta) => self.drop_shared(&mut b, id, meta, partition)?,
             }
         }
-        b.remove(&ckpt_key(partition));
-        b.remove(&settled_key(partition));
+        let moves = self.partitions.forget(&mut b, partition);
         self.count_bundles(&mut b, -deleted)?;
         self.tree.apply_batch(b)?;
-        self.cached_checkpoints().insert(partition, None);
+        self.partitions.applied(moves);
         Ok(deleted as usize)
     }
 
@@ -647,14 +610,6 @@ fn wm_key(partition: i32, first_offset: i64, id: &[u8]) -> Vec<u8> {
     tagged(b'w', &[&(partition as u32).to_be_bytes(), &ord(first_offset), id])
 }
 
-fn ckpt_key(partition: i32) -> [u8; 5] {
-    partition_key(b'c', partition)
-}
-
-fn settled_key(partition: i32) -> [u8; 5] {
-    partition_key(b'f', partition)
-}
-
 fn corrupt(what: &str) -> sled::Error {
     sled::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("window store: unreadable {what}")))
 }
@@ -671,7 +626,7 @@ mod tests {
 
     fn open() -> (tempfile::TempDir, WindowStore) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
         (dir, WindowStore::open(&db).unwrap())
     }
 
@@ -850,7 +805,7 @@ mod tests {
     fn settled_position_per_partition_forward_only_dropped_with_partition() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
             let s = WindowStore::open(&db).unwrap();
             s.apply(&[msg("s", "a", 0, 10, 0, b"a"), msg("s", "b", 1, 20, 0, b"b")]).unwrap();
             assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (None, None), "apply alone settles nothing");
@@ -863,9 +818,9 @@ mod tests {
             s.set_settled(2, 0).unwrap();
             assert_eq!(s.settled(2).unwrap(), Some(0), "offset 0 is a position like any other");
             assert_eq!(s.tree.get([b'f', 0, 0, 0, 1]).unwrap().as_deref(), Some(&ord(21)[..]), "`f` partition(u32 BE) -> ord(i64)");
-            db.flush().unwrap();
+            db.flush_blocking().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
         let s = WindowStore::open(&db).unwrap();
         assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(11), Some(21)), "survives reopen");
         s.drop_partition(1).unwrap();
@@ -877,13 +832,13 @@ mod tests {
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
             let s = WindowStore::open(&db).unwrap();
             s.apply(&[msg("s", "a", 2, 40, 0, b"a1"), msg("s", "b", 2, 41, H, b"b1"), msg("s", "a", 2, 42, 1, b"a2")]).unwrap();
             s.begin_emit(&key("s", "a", 0)).unwrap().unwrap();
-            db.flush().unwrap();
+            db.flush_blocking().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
         let s = WindowStore::open(&db).unwrap();
         assert_eq!((s.open_bundles(), s.checkpoint(2).unwrap(), s.position(2).unwrap()), (2, Some(42), Some(40)));
         assert_eq!(s.due(i64::MAX, 10).unwrap(), [key("s", "a", 0), key("s", "b", H)], "an emission cut short is due again");

@@ -87,7 +87,7 @@ fn verify(
     state: &std::path::Path,
     last: &std::collections::HashMap<i32, i64>,
 ) -> anyhow::Result<()> {
-    let db = sled::open(state)?;
+    let (db, _) = hookd::state::StateDb::open_default(state)?;
     let store = WindowStore::open(&db)?;
     let partitions: Vec<i32> = last.keys().copied().collect();
     let committed = broker::committed(bootstrap, group, topic, &partitions)?;

@@ -12,10 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use hookd::deliver::park::ParkStore;
 use hookd::ingest::chat::ChatMessage;
 use hookd::route::subscription::{Aggregation, Source};
 use hookd::route::Registry;
+use hookd::state::StateDb;
 use hookd::window::stage::{apply_parts, Parts, Pending};
 use hookd::window::store::WindowStore;
 
@@ -66,8 +66,8 @@ pub fn run(opts: Opts) -> anyhow::Result<Vec<Row>> {
 }
 
 fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std::path::Path) -> anyhow::Result<Phases> {
-    let (park, _) = ParkStore::open_with_cache(dir, config.state.cache_mb << 20)?;
-    let store = WindowStore::open(park.db())?;
+    let (db, _) = StateDb::open(dir, config.state.cache_mb << 20)?;
+    let store = WindowStore::open(&db)?;
     let registry = Registry::new(&config.subscription);
     let (max_bytes, max_batch) = (config.ingest.max_record_bytes, config.chat.max_batch);
     let close_every = Duration::from_millis(config.chat.close_interval_ms);
@@ -102,7 +102,7 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
             if since_tick >= close_every {
                 let t = Instant::now();
                 store.due(ingest::BASE_MS, 256)?;
-                park.db().flush()?;
+                db.flush_blocking()?;
                 phases.tick += t.elapsed();
                 since_tick = Duration::ZERO;
             }
@@ -112,7 +112,7 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
     apply(&store, &pending, grace_ms)?;
     phases.apply += t.elapsed();
     let t = Instant::now();
-    park.db().flush()?;
+    db.flush_blocking()?;
     phases.tick += t.elapsed();
     anyhow::ensure!(
         store.open_bundles() == load.bundles(workload::HOUR_MS),

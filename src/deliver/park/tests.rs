@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// The retry store in `dir`, opened as the daemon does; and whether the directory was wiped.
+fn open_in(dir: &std::path::Path) -> (ParkStore, bool) {
+    let (db, wiped) = StateDb::open_default(dir).unwrap();
+    (ParkStore::open(&db).unwrap(), wiped)
+}
+
 fn rec(due: i64) -> DeliveryRecord {
     DeliveryRecord::sample("s", due)
 }
@@ -9,7 +15,7 @@ fn rec(due: i64) -> DeliveryRecord {
 #[test]
 fn due_order_position_and_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, wiped) = ParkStore::open(dir.path()).unwrap();
+    let (s, wiped) = open_in(dir.path());
     assert!(!wiped);
     s.park(0, &[(5, rec(300)), (6, rec(100)), (7, rec(200))]).unwrap();
     s.park(1, &[(2, rec(50))]).unwrap();
@@ -31,7 +37,7 @@ fn due_order_position_and_checkpoint() {
 #[test]
 fn reschedule_and_drop_partition() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = ParkStore::open(dir.path()).unwrap();
+    let (s, _) = open_in(dir.path());
     s.park(3, &[(1, rec(10)), (2, rec(20))]).unwrap();
     let p = s.due(10, 1, |_, _| false).unwrap().remove(0);
     s.reschedule(&p, 500).unwrap();
@@ -46,7 +52,7 @@ fn reschedule_and_drop_partition() {
 #[test]
 fn due_passes_over_skipped_rows_inside_the_scan_and_counts_only_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _) = ParkStore::open(dir.path()).unwrap();
+    let (s, _) = open_in(dir.path());
     // 2,000 rows waiting for a stalled endpoint (in flight), due before everything else.
     let stalled: Vec<(i64, DeliveryRecord)> = (0..2_000).map(|o| (o, rec(10 + o))).collect();
     s.park(0, &stalled).unwrap();
@@ -73,7 +79,7 @@ fn parked_count_equals_a_full_count_after_park_remove_drop_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let counts = |s: &ParkStore| (s.len(), count_parked(&s.tree));
     {
-        let (s, _) = ParkStore::open(dir.path()).unwrap();
+        let (s, _) = open_in(dir.path());
         s.park(0, &[(1, rec(10)), (2, rec(20)), (3, rec(30))]).unwrap();
         s.park(1, &[(1, rec(10)), (2, rec(40))]).unwrap();
         assert_eq!(counts(&s), (5, 5));
@@ -94,9 +100,9 @@ fn parked_count_equals_a_full_count_after_park_remove_drop_and_reopen() {
         assert!(s.reschedule(moved, 99).unwrap());
         assert_eq!(counts(&s), (2, 2));
         assert_eq!(s.due(i64::MAX, 10, |_, _| false).unwrap().len(), 2, "a rescheduled row is due once");
-        s.db.flush().unwrap();
+        s.db.flush_blocking().unwrap();
     }
-    let (s, _) = ParkStore::open(dir.path()).unwrap();
+    let (s, _) = open_in(dir.path());
     assert_eq!(counts(&s), (2, 2), "counted again at open");
     let clone = s.clone();
     clone.park(5, &[(1, rec(1))]).unwrap();
@@ -107,18 +113,21 @@ fn parked_count_equals_a_full_count_after_park_remove_drop_and_reopen() {
 fn settled_position_forward_only_survives_reopen_dropped_with_partition() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (s, _) = ParkStore::open(dir.path()).unwrap();
+        let (s, _) = open_in(dir.path());
         s.park(0, &[(4, rec(10))]).unwrap();
         s.park(1, &[(9, rec(10))]).unwrap();
         assert_eq!(s.settled(0).unwrap(), None, "parking alone settles nothing");
         assert!(s.set_settled(0, 5).unwrap());
         assert!(!s.set_settled(0, 3).unwrap(), "never backwards");
         assert!(s.set_settled(1, 10).unwrap());
-        assert_eq!(s.tree.get([b'f', 0, 0, 0, 0]).unwrap().as_deref(), Some(&5u64.to_be_bytes()[..]), "`f` partition(u32 BE) -> u64 BE");
+        assert!(
+            s.tree.get([b'f', 0, 0, 0, 0]).unwrap().is_some(),
+            "`f` partition(u32 BE), in the retry tree (the encoding: state::Partitions)"
+        );
         assert_eq!((s.len(), s.position(0).unwrap()), (2, Some(4)), "not a parked delivery, not the watermark");
-        s.db.flush().unwrap();
+        s.db.flush_blocking().unwrap();
     }
-    let (s, _) = ParkStore::open(dir.path()).unwrap();
+    let (s, _) = open_in(dir.path());
     assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(5), Some(10)));
     s.drop_partition(1).unwrap();
     assert_eq!((s.settled(0).unwrap(), s.settled(1).unwrap()), (Some(5), None));
@@ -126,24 +135,31 @@ fn settled_position_forward_only_survives_reopen_dropped_with_partition() {
 }
 
 #[test]
-fn survives_reopen_and_wipes_garbage() {
+fn survives_reopen_with_its_checkpoint_and_count() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (s, _) = ParkStore::open(dir.path()).unwrap();
-        s.park(0, &[(9, rec(1))]).unwrap();
-        s.db.flush().unwrap();
+        let (s, _) = open_in(dir.path());
+        s.park(0, &[(9, rec(1)), (10, rec(2))]).unwrap();
+        s.db.flush_blocking().unwrap();
     }
-    let (s, wiped) = ParkStore::open(dir.path()).unwrap();
+    let (s, wiped) = open_in(dir.path());
     assert!(!wiped);
-    assert_eq!(s.checkpoint(0).unwrap(), Some(9));
-    let locked = ParkStore::open(dir.path());
-    assert!(locked.is_err_and(|e| e.to_string().contains("locked by another process")), "a locked store is never wiped");
-    assert_eq!(s.checkpoint(0).unwrap(), Some(9), "and its data is intact");
-    drop(s);
-    let bad = tempfile::tempdir().unwrap();
-    std::fs::write(bad.path().join("conf"), b"\xff\xfe garbage").unwrap();
-    std::fs::write(bad.path().join("db"), b"not a sled file at all").unwrap();
-    let (s, wiped) = ParkStore::open(bad.path()).unwrap();
-    assert!(wiped, "garbage store is wiped");
-    assert!(s.is_empty());
+    assert_eq!((s.checkpoint(0).unwrap(), s.len()), (Some(10), 2));
+    assert_eq!(s.position(0).unwrap(), Some(9));
+}
+
+/// A store written before the state layer (plain big-endian checkpoint and settled position)
+/// is read as it was.
+#[test]
+fn reads_positions_written_in_the_old_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (db, _) = StateDb::open_default(dir.path()).unwrap();
+        let tree = db.tree("retry").unwrap();
+        tree.insert(*b"c\0\0\0\x01", &41u64.to_be_bytes()).unwrap();
+        tree.insert(*b"f\0\0\0\x01", &42u64.to_be_bytes()).unwrap();
+        db.flush_blocking().unwrap();
+    }
+    let (s, _) = open_in(dir.path());
+    assert_eq!((s.checkpoint(1).unwrap(), s.settled(1).unwrap(), s.position(1).unwrap()), (Some(41), Some(42), Some(42)));
 }
