@@ -24,7 +24,7 @@ fn message(i: usize) -> Vec<u8> {
 
 fn open() -> (tempfile::TempDir, WindowStore) {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::open(dir.path()).unwrap();
+    let (db, _) = hookd::state::StateDb::open_default(dir.path()).unwrap();
     let store = WindowStore::open(&db).unwrap();
     (dir, store)
 }

@@ -1,10 +1,14 @@
-//! Kafka plumbing shared by the stages: client settings, topic creation, size limits
-//! ([`limits`]), producing records that must not be lost with a retry until the broker
-//! acknowledges them or refuses them for good ([`produce`]), and dead letters ([`dlq`]).
+//! Kafka plumbing shared by the stages: the consumer-stage loop ingest and the sender run
+//! ([`stage`]), which offset may be committed per partition ([`offsets`]), client settings,
+//! topic creation, size limits ([`limits`]), producing records that must not be lost with a
+//! retry until the broker acknowledges them or refuses them for good ([`produce`]), and dead
+//! letters ([`dlq`]).
 
 pub mod dlq;
 pub mod limits;
+pub mod offsets;
 pub mod produce;
+pub mod stage;
 
 pub use dlq::{dead_letter, DeadLetter};
 pub use produce::{produce_until_acked, PermanentReason, ProduceError};

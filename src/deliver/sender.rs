@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -17,10 +16,9 @@ use super::park::{ParkStore, Parked};
 use super::record::DeliveryRecord;
 use super::schedule::Schedule;
 use super::signature;
-use crate::ingest::offsets::{OffsetTracker, Tp};
-use crate::kafka::{
-    dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, RebalanceLog, SourceRef, TrackedConsumer, TrackingContext,
-};
+use crate::kafka::offsets::{OffsetTracker, Tp};
+use crate::kafka::stage::{self, Step};
+use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, SourceRef, TrackedConsumer};
 use crate::route::subscription::Subscription;
 use crate::{Error, Shared};
 
@@ -103,89 +101,85 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
         super::ssrf::TargetPolicy::new(&d.allow_private_targets).map_err(Error::Http)?,
     )
     .map_err(|e| Error::Http(e.to_string()))?;
-    let log = Arc::new(RebalanceLog::default());
     let group = format!("{}.sender", config.kafka.group_id);
-    let context = TrackingContext::new(log.clone()).resuming(retry_resume(&config.topics.retry, park.clone()));
-    let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &group).create_with_context(context)?;
-    consumer.subscribe(&[&config.topics.deliveries, &config.topics.retry])?;
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let hard_stop = CancellationToken::new();
+    let resume = retry_resume(&config.topics.retry, park.clone());
+    let (consumer, log) = stage::subscribe(&shared, &group, &[&config.topics.deliveries, &config.topics.retry], resume)?;
+    let (io, joins) = stage::io();
     let http = Arc::new(http);
-    let verifier = tokio::spawn(super::lifecycle::verify_loop(shared.clone(), http.clone(), shutdown.clone()));
-    let log_flusher = tokio::spawn(super::lifecycle::flush_logs_loop(shared.clone(), shutdown.clone()));
+    let helpers = vec![
+        tokio::spawn(super::lifecycle::verify_loop(shared.clone(), http.clone(), shutdown.clone())),
+        tokio::spawn(super::lifecycle::flush_logs_loop(shared.clone(), shutdown.clone())),
+    ];
     let ctx = Arc::new(Ctx {
         shared: shared.clone(),
         http,
         park,
         global: Semaphore::new(d.max_in_flight),
         subs: Mutex::new(HashMap::new()),
-        done: done_tx,
-        hard_stop: hard_stop.clone(),
+        done: io.done.clone(),
+        hard_stop: io.hard_stop.clone(),
     });
     shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
-    let tasks = TaskTracker::new();
-    let mut state = LoopState::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sender = Sender { ctx, tasks: io.tasks.clone(), state: LoopState::default(), helpers };
     shared.ready.sender.store(true, Ordering::Relaxed);
-    loop {
-        let revoked: Vec<Tp> = log.revoked.lock().expect("rebalance log poisoned").drain(..).collect();
-        if !revoked.is_empty() {
-            state.revoke(&ctx, revoked).await;
-        }
-        for tp in log.assigned.lock().expect("rebalance log poisoned").drain(..) {
-            if tp.0 == config.topics.retry {
-                state.schedule.assign(tp.1);
-            }
-        }
-        for r in log.resumed.lock().expect("rebalance log poisoned").drain(..) {
-            shared.metrics.resume_skipped.with_label_values(&["retry"]).inc_by((r.settled - r.committed) as u64);
-        }
-        let can_read = state.tracker.pending() + state.schedule.in_flight() < d.max_in_flight * 4;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            Some(origin) = done_rx.recv() => state.finished(&ctx, &consumer, origin),
-            m = consumer.recv(), if can_read => match m {
-                Ok(msg) => state.on_message(&ctx, &tasks, &msg),
-                Err(error) => {
-                    shared.metrics.kafka_errors.with_label_values(&["sender"]).inc();
-                    tracing::warn!(%error, "Sender consumer error.");
-                }
-            },
-            _ = tick.tick() => state.on_tick(&ctx, &tasks, &consumer).await,
-        }
-    }
-    tracing::info!(in_flight = tasks.len(), "Sender stopping; letting in-flight requests finish.");
-    tasks.close();
-    let grace = tokio::time::sleep(config.shutdown.grace());
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            Some(origin) = done_rx.recv() => state.finished(&ctx, &consumer, origin),
-            _ = tasks.wait() => break,
-            _ = &mut grace => {
-                hard_stop.cancel();
-                let _ = crate::shutdown::bounded(&shared.metrics, "delivery_tasks", crate::shutdown::STEP_TIMEOUT, tasks.wait()).await;
-                break;
-            }
-        }
-    }
-    while let Ok(origin) = done_rx.try_recv() {
-        state.finished(&ctx, &consumer, origin);
-    }
-    let helpers = async {
-        let _ = verifier.await;
-        let _ = log_flusher.await;
-    };
-    let _ = crate::shutdown::bounded(&shared.metrics, "sender_helpers", crate::shutdown::STEP_TIMEOUT, helpers).await;
-    let settled = state.settled(&ctx);
-    let _ = ctx.park.flush().await;
-    state.record_settled(&ctx, settled);
-    let _ = ctx.park.flush().await;
-    state.store_parked_positions(&ctx, &consumer);
-    crate::kafka::commit_and_close(consumer, "sender", &shared.metrics).await;
+    stage::run(&shared, sender, consumer, log, joins, Duration::from_millis(100), shutdown).await;
     Ok(())
+}
+
+/// The sender stage: the loop's state and what its tasks share.
+struct Sender {
+    ctx: Arc<Ctx>,
+    tasks: TaskTracker,
+    state: LoopState,
+    /// The verification and log-flush loops, stopped by the same shutdown.
+    helpers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Step for Sender {
+    type Done = Origin;
+    const NAME: &'static str = "sender";
+    const RESUMED: &'static str = "retry";
+
+    async fn revoke(&mut self, revoked: Vec<Tp>) {
+        self.state.revoke(&self.ctx, revoked).await
+    }
+
+    /// Due parked deliveries are started only for assigned retry partitions.
+    fn assign(&mut self, assigned: Vec<Tp>) {
+        for tp in assigned.into_iter().filter(|tp| tp.0 == self.ctx.shared.config.topics.retry) {
+            self.state.schedule.assign(tp.1);
+        }
+    }
+
+    fn can_read(&self) -> bool {
+        self.state.tracker.pending() + self.state.schedule.in_flight() < self.ctx.shared.config.delivery.max_in_flight * 4
+    }
+
+    fn submit(&mut self, msg: &BorrowedMessage<'_>) {
+        self.state.on_message(&self.ctx, &self.tasks, msg)
+    }
+
+    fn join(&mut self, consumer: &TrackedConsumer, origin: Origin) {
+        self.state.finished(&self.ctx, consumer, origin)
+    }
+
+    async fn tick(&mut self, consumer: &TrackedConsumer) -> bool {
+        self.state.on_tick(&self.ctx, &self.tasks, consumer).await;
+        false
+    }
+
+    /// Stores the retry partitions' positions: settled positions taken before a flush and
+    /// written after it, then flushed too.
+    async fn finish(&mut self, consumer: &TrackedConsumer) {
+        let ctx = &self.ctx;
+        let helpers = futures::future::join_all(std::mem::take(&mut self.helpers));
+        let _ = crate::shutdown::bounded(&ctx.shared.metrics, "sender_helpers", crate::shutdown::STEP_TIMEOUT, helpers).await;
+        let settled = self.state.settled(ctx);
+        let _ = ctx.park.flush().await;
+        self.state.record_settled(ctx, settled);
+        let _ = ctx.park.flush().await;
+        self.state.store_parked_positions(ctx, consumer);
+    }
 }
 
 #[derive(Default)]

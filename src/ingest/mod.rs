@@ -19,26 +19,23 @@
 
 pub mod chat;
 pub mod event;
-pub mod offsets;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::deliver::record::{webhook_id, DeliveryRecord};
+use crate::kafka::offsets::{OffsetTracker, Tp};
+use crate::kafka::stage::{self, Io, Step};
 use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, SourceRef, TrackedConsumer};
 use crate::route::subscription::Source;
 use crate::window::stage::{ChatStage, Emission};
 use crate::window::store::{BundleKey, WindowStore};
 use crate::{Error, Shared};
 use event::CrmEvent;
-use offsets::{OffsetTracker, Tp};
 
 /// What one input record turned into; settled by a task, then its offset is finished.
 pub struct Work {
@@ -171,24 +168,25 @@ enum Done {
     Emitted(BundleKey, i32),
 }
 
-/// The ingest loop's state.
+/// The ingest stage's state.
 struct Ingest {
     shared: Arc<Shared>,
     tracker: OffsetTracker,
     chat: ChatStage,
-    tasks: TaskTracker,
-    done: mpsc::UnboundedSender<Done>,
-    stop: CancellationToken,
+    io: Io<Done>,
     /// The sled database of the window store, flushed on the close tick.
     db: crate::state::StateDb,
     /// Chat partitions whose position may have moved; stored after the next sled flush.
     chat_dirty: std::collections::HashSet<i32>,
+    /// When closed windows were last looked for, and whether more are due at once.
+    last_close: std::time::Instant,
+    close_again: bool,
 }
 
 impl Ingest {
     fn spawn_settle(&self, work: Work) {
-        let (shared, done, stop) = (self.shared.clone(), self.done.clone(), self.stop.clone());
-        self.tasks.spawn(async move {
+        let (shared, done, stop) = (self.shared.clone(), self.io.done.clone(), self.io.hard_stop.clone());
+        self.io.tasks.spawn(async move {
             if settle(&shared, &work, &stop).await {
                 let _ = done.send(Done::Record(work.tp, work.offset));
             }
@@ -198,8 +196,8 @@ impl Ingest {
     /// Produces a closed bundle's parts (or dead letters); the bundle is removed from the
     /// store once all are acknowledged.
     fn spawn_emission(&self, e: Emission) {
-        let (shared, done, stop) = (self.shared.clone(), self.done.clone(), self.stop.clone());
-        self.tasks.spawn(async move {
+        let (shared, done, stop) = (self.shared.clone(), self.io.done.clone(), self.io.hard_stop.clone());
+        self.io.tasks.spawn(async move {
             if e.send(&shared, &stop).await.is_ok() {
                 let _ = done.send(Done::Emitted(e.key, e.partition));
             }
@@ -279,10 +277,61 @@ impl Ingest {
         more
     }
 
-    fn revoke(&mut self, tp: &Tp) {
+    fn revoke_one(&mut self, tp: &Tp) {
         self.tracker.revoke(tp);
         if tp.0 == self.chat.topic() {
             self.chat.revoke(tp.1);
+        }
+    }
+}
+
+impl Step for Ingest {
+    type Done = Done;
+    const NAME: &'static str = "ingest";
+    const RESUMED: &'static str = "chat";
+
+    async fn revoke(&mut self, revoked: Vec<Tp>) {
+        for tp in &revoked {
+            self.revoke_one(tp);
+        }
+    }
+
+    fn can_read(&self) -> bool {
+        self.tracker.pending() < self.shared.config.ingest.max_in_flight
+    }
+
+    fn submit(&mut self, msg: &BorrowedMessage<'_>) {
+        self.on_message(msg)
+    }
+
+    fn join(&mut self, consumer: &TrackedConsumer, done: Done) {
+        self.on_done(consumer, done)
+    }
+
+    /// Every `chat.batch_interval_ms`: applies buffered chat messages. Every
+    /// `chat.close_interval_ms` (at once again after a mass close): emits closed bundles,
+    /// flushes and stores chat positions.
+    async fn tick(&mut self, consumer: &TrackedConsumer) -> bool {
+        self.apply_batch();
+        let every = Duration::from_millis(self.shared.config.chat.close_interval_ms);
+        if !self.close_again && self.last_close.elapsed() < every {
+            return false;
+        }
+        self.last_close = std::time::Instant::now();
+        self.close_again = self.on_close_tick();
+        self.flush_and_store(consumer).await;
+        self.close_again
+    }
+
+    fn stop_reading(&mut self) {
+        self.apply_batch();
+    }
+
+    /// Stores what finished; open bundles stay in the window store for the next start.
+    async fn finish(&mut self, consumer: &TrackedConsumer) {
+        self.flush_and_store(consumer).await;
+        if let Err(error) = self.db.flush().await {
+            tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
         }
     }
 }
@@ -297,82 +346,28 @@ fn chat_resume(chat_topic: &str, windows: WindowStore) -> crate::kafka::Resume {
 }
 
 /// Runs ingest until `shutdown`; then lets in-flight records settle within the grace and
-/// commits what is finished. Open bundles stay in the window store for the next start.
+/// commits what is finished ([`crate::kafka::stage`]). Open bundles stay in the window store
+/// for the next start.
 pub async fn run(shared: Arc<Shared>, windows: WindowStore, db: crate::state::StateDb, shutdown: CancellationToken) -> Result<(), Error> {
     let config = &shared.config;
-    let log = Arc::new(crate::kafka::RebalanceLog::default());
-    let context = crate::kafka::TrackingContext::new(log.clone()).resuming(chat_resume(&config.topics.chat_messages, windows.clone()));
-    let consumer: TrackedConsumer = crate::kafka::consumer_config(config, &config.kafka.group_id).create_with_context(context)?;
-    consumer.subscribe(&[&config.topics.crm_events, &config.topics.chat_messages])?;
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let resume = chat_resume(&config.topics.chat_messages, windows.clone());
+    let topics = [config.topics.crm_events.as_str(), config.topics.chat_messages.as_str()];
+    let (consumer, log) = stage::subscribe(&shared, &config.kafka.group_id, &topics, resume)?;
+    let (io, joins) = stage::io();
     let chat = ChatStage::new(&shared, windows).map_err(|e| Error::Http(e.to_string()))?;
     shared.metrics.open_bundles.set(chat.store.open_bundles() as i64);
-    let mut s = Ingest {
+    let ingest = Ingest {
         shared: shared.clone(),
         tracker: OffsetTracker::default(),
         chat,
-        tasks: TaskTracker::new(),
-        done: done_tx,
-        stop: CancellationToken::new(),
+        io,
         db,
         chat_dirty: Default::default(),
+        last_close: std::time::Instant::now(),
+        close_again: false,
     };
-    let mut batch_tick = tokio::time::interval(Duration::from_millis(config.chat.batch_interval_ms));
-    let mut close_tick = tokio::time::interval(Duration::from_millis(config.chat.close_interval_ms));
-    batch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    close_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     shared.ready.ingest.store(true, Ordering::Relaxed);
-    loop {
-        for tp in log.revoked.lock().expect("rebalance log poisoned").drain(..) {
-            s.revoke(&tp);
-        }
-        log.assigned.lock().expect("rebalance log poisoned").clear();
-        for r in log.resumed.lock().expect("rebalance log poisoned").drain(..) {
-            shared.metrics.resume_skipped.with_label_values(&["chat"]).inc_by((r.settled - r.committed) as u64);
-        }
-        let can_read = s.tracker.pending() < config.ingest.max_in_flight;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            Some(done) = done_rx.recv() => s.on_done(&consumer, done),
-            m = consumer.recv(), if can_read => match m {
-                Ok(msg) => s.on_message(&msg),
-                Err(error) => {
-                    shared.metrics.kafka_errors.with_label_values(&["ingest"]).inc();
-                    tracing::warn!(%error, "Ingest consumer error.");
-                }
-            },
-            _ = batch_tick.tick() => s.apply_batch(),
-            _ = close_tick.tick() => {
-                if s.on_close_tick() {
-                    close_tick.reset_immediately(); // a mass close: next batch after this turn
-                }
-                s.flush_and_store(&consumer).await;
-            }
-        }
-    }
-    s.apply_batch();
-    s.tasks.close();
-    let grace = tokio::time::sleep(config.shutdown.grace());
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            Some(done) = done_rx.recv() => s.on_done(&consumer, done),
-            _ = s.tasks.wait() => break,
-            _ = &mut grace => {
-                s.stop.cancel();
-                let _ = crate::shutdown::bounded(&shared.metrics, "ingest_tasks", crate::shutdown::STEP_TIMEOUT, s.tasks.wait()).await;
-                break;
-            }
-        }
-    }
-    while let Ok(done) = done_rx.try_recv() {
-        s.on_done(&consumer, done);
-    }
-    s.flush_and_store(&consumer).await;
-    if let Err(error) = s.db.flush().await {
-        tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
-    }
-    crate::kafka::commit_and_close(consumer, "ingest", &shared.metrics).await;
+    let tick = Duration::from_millis(config.chat.batch_interval_ms.min(config.chat.close_interval_ms).max(1));
+    stage::run(&shared, ingest, consumer, log, joins, tick, shutdown).await;
     Ok(())
 }
