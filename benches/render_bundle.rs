@@ -33,7 +33,7 @@ fn render_bundle(c: &mut Criterion) {
     let summary = Summary::new(None).unwrap();
     c.bench_function("timelines_bundle_100_messages", |b| {
         b.iter(|| {
-            let text = summary.render(black_box(&objects), &header).unwrap();
+            let text = summary.render(black_box(&objects), &header, chrono_tz::Tz::UTC).unwrap();
             bundle_payload(&header, &objects, &text)
         })
     });

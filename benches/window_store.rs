@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use hookd::window::calendar::Windows;
 use hookd::window::store::{Incoming, WindowStore};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -45,7 +46,7 @@ fn apply_batches(c: &mut Criterion) {
                     partition: (i % 8) as i32,
                     offset: (i / 8) as i64,
                     ts_ms: 1_614_124_800_000 + i as i64 * 100,
-                    size_ms: HOUR_MS,
+                    windows: Windows::utc(HOUR_MS),
                     grace_ms: 60_000,
                     message: &bodies[i % 500],
                     header: HEADER,
@@ -76,7 +77,7 @@ fn emit_bundles(c: &mut Criterion) {
                         partition: 0,
                         offset: round * 3_000 + i as i64,
                         ts_ms: round * HOUR_MS + (i / 1_000) as i64 * 1_000,
-                        size_ms: HOUR_MS,
+                        windows: Windows::utc(HOUR_MS),
                         grace_ms: 60_000,
                         message: &bodies[i / 1_000],
                         header: HEADER,

@@ -7,9 +7,10 @@
 //!   chat, permalink of the bundle's first message) and the [`message_object`]s, in time order.
 //! - [`Summary`]: the `aggregation` text, a minijinja template (built-in or configured).
 //!
-//! Key order is the samples' (serde_json `preserve_order`); timestamps are UTC in the
-//! samples' `2021-02-24T16:25:29+0000` form. Absent account and chat keys are `null`, so
-//! receivers always see the shape TimelinesAI documents.
+//! Key order is the samples' (serde_json `preserve_order`); the body's timestamps are UTC in
+//! the samples' `2021-02-24T16:25:29+0000` form, the summary's are on the subscription's clock
+//! (its `timezone`, UTC by default). Absent account and chat keys are `null`, so receivers
+//! always see the shape TimelinesAI documents.
 //!
 //! **Escaping.** The summary lands in CRM notes, so every value printed by the template
 //! (texts, names, the URL) is HTML-escaped: the environment auto-escapes HTML, through a
@@ -22,6 +23,7 @@
 //! URL stays out of the `href`); with neither, the built-in template leaves the line out.
 
 use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use minijinja::{context, AutoEscape, Environment, ErrorKind, HtmlEscape, Output, State, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -32,7 +34,8 @@ use crate::ingest::chat::ChatMessage;
 /// Wire form of timestamps: `2021-02-24T16:25:29+0000`, always UTC.
 pub const TIMESTAMP_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%z";
 
-/// The summary's per-message time, `2021-02-24 16:25` (UTC), given to templates as `time`.
+/// The summary's per-message time, `2021-02-24 16:25` on the subscription's clock, given to
+/// templates as `time`.
 const SUMMARY_TIME_FORMAT: &str = "%Y-%m-%d %H:%M";
 
 /// The built-in summary: `from <name> on <time>: <text>` per message, joined by `<br/>`, then
@@ -238,10 +241,11 @@ pub fn bundle_payload(header: &BundleHeader, messages: &[Value], summary: &str) 
 
 /// The compiled summary template; built once, shared between threads.
 ///
-/// Context: `messages` (the message objects, each with `time` = `YYYY-MM-DD HH:MM` UTC and
-/// `sender_name` = `sender.full_name`, else `sender.phone`, else empty, added), `chat`,
-/// `account`, `permalink` (none if absent) and `link` (see [`BundleHeader::link`]). Undefined
-/// names are errors (`is defined` tests for optional keys), as in custom dialects.
+/// Context: `messages` (the message objects, each with `time` = `YYYY-MM-DD HH:MM` on the
+/// subscription's clock and `sender_name` = `sender.full_name`, else `sender.phone`, else
+/// empty, added), `chat`, `account`, `permalink` (none if absent), `link` (see
+/// [`BundleHeader::link`]) and `timezone` (the IANA name of that clock, `UTC` by default).
+/// Undefined names are errors (`is defined` tests for optional keys), as in custom dialects.
 #[derive(Debug)]
 pub struct Summary {
     /// Holds the one template [`TEMPLATE`], with HTML auto-escaping and [`html_formatter`].
@@ -263,9 +267,10 @@ impl Summary {
         Ok(summary)
     }
 
-    /// The `aggregation` text of `messages` (message objects, in time order).
-    pub fn render(&self, messages: &[Value], header: &BundleHeader) -> Result<String, RenderError> {
-        let ctx = template_context(messages, header)?;
+    /// The `aggregation` text of `messages` (message objects, in time order), with times on
+    /// the wall clock of `zone`.
+    pub fn render(&self, messages: &[Value], header: &BundleHeader, zone: Tz) -> Result<String, RenderError> {
+        let ctx = template_context(messages, header, zone)?;
         self.env.get_template(TEMPLATE).and_then(|t| t.render(ctx)).map_err(|e| template_error(&e))
     }
 
@@ -286,7 +291,7 @@ impl Summary {
             attachments: Vec::new(),
             permalink: Some("https://example.com/".into()),
         };
-        let ctx = template_context(&[message_object(&sample)], &BundleHeader::from_message(&sample))?;
+        let ctx = template_context(&[message_object(&sample)], &BundleHeader::from_message(&sample), Tz::UTC)?;
         match self.env.get_template(TEMPLATE).and_then(|t| t.render(ctx)) {
             Err(e) if matches!(e.kind(), ErrorKind::UnknownFilter | ErrorKind::UnknownTest | ErrorKind::UnknownFunction) => {
                 Err(template_error(&e))
@@ -309,19 +314,21 @@ fn template_error(e: &minijinja::Error) -> RenderError {
 }
 
 /// The template context of a bundle (see [`Summary`]).
-fn template_context(messages: &[Value], header: &BundleHeader) -> Result<minijinja::Value, RenderError> {
-    let messages = messages.iter().enumerate().map(message_context).collect::<Result<Vec<_>, _>>()?;
+fn template_context(messages: &[Value], header: &BundleHeader, zone: Tz) -> Result<minijinja::Value, RenderError> {
+    let messages = messages.iter().enumerate().map(|m| message_context(m, zone)).collect::<Result<Vec<_>, _>>()?;
     Ok(context! {
         messages => messages,
         chat => minijinja::Value::from_serialize(&header.chat),
         account => minijinja::Value::from_serialize(&header.account),
         permalink => header.permalink,
         link => header.link(),
+        timezone => zone.name(),
     })
 }
 
-/// A message object with `time` and `sender_name` added, as the template sees it.
-fn message_context((index, message): (usize, &Value)) -> Result<minijinja::Value, RenderError> {
+/// A message object with `time` (on the clock of `zone`) and `sender_name` added, as the
+/// template sees it.
+fn message_context((index, message): (usize, &Value), zone: Tz) -> Result<minijinja::Value, RenderError> {
     let bad = || RenderError::Template(format!("timelines summary: message {index} is not a message object"));
     let mut m = message.as_object().cloned().ok_or_else(bad)?;
     let time =
@@ -330,7 +337,7 @@ fn message_context((index, message): (usize, &Value)) -> Result<minijinja::Value
     let name =
         ["full_name", "phone"].into_iter().find_map(|k| sender.and_then(|s| s.get(k)).and_then(Value::as_str).filter(|s| !s.is_empty()));
     let name = name.unwrap_or_default().to_string();
-    m.insert("time".into(), Value::String(time.with_timezone(&Utc).format(SUMMARY_TIME_FORMAT).to_string()));
+    m.insert("time".into(), Value::String(time.with_timezone(&zone).format(SUMMARY_TIME_FORMAT).to_string()));
     m.insert("sender_name".into(), Value::String(name));
     Ok(minijinja::Value::from_serialize(&m))
 }
@@ -403,7 +410,7 @@ mod tests {
     }
 
     fn render(template: Option<&str>, header: &BundleHeader, messages: &[Value]) -> String {
-        Summary::new(template).unwrap().render(messages, header).unwrap()
+        Summary::new(template).unwrap().render(messages, header, Tz::UTC).unwrap()
     }
 
     /// The hot-path writers give the bytes of the `Value` builders, absent keys and odd
@@ -558,10 +565,37 @@ mod tests {
         assert!(err("{{ messages | shout }}").contains("unknown filter"));
         let typo = Summary::new(Some("{% for m in messages %}{{ m.txet }}{% endfor %}")).expect("data errors wait for data");
         let (header, messages) = conversation();
-        let e = typo.render(&messages, &header).unwrap_err();
+        let e = typo.render(&messages, &header, Tz::UTC).unwrap_err();
         assert!(matches!(e, RenderError::Template(_)) && e.to_string().contains("undefined value"), "{e}");
-        let bad = Summary::new(None).unwrap().render(&[json!({"text": "no time"})], &header).unwrap_err();
+        let bad = Summary::new(None).unwrap().render(&[json!({"text": "no time"})], &header, Tz::UTC).unwrap_err();
         assert_eq!(bad.to_string(), "template error: timelines summary: message 0 is not a message object");
+    }
+
+    /// The summary shows each message on the subscription's clock, whatever the offset the
+    /// producer wrote; the body's own timestamps stay UTC.
+    #[test]
+    fn summary_times_are_on_the_subscription_clock() {
+        let at = |ts: &str| message_object(&decode(record("sent", ts, "x")));
+        let summary = Summary::new(None).unwrap();
+        let header = BundleHeader::from_message(&decode(record("sent", "2021-02-24T16:25:29+0000", "x")));
+        let lines = |zone: &str, messages: &[Value]| -> Vec<String> {
+            let text = summary.render(messages, &header, zone.parse().unwrap()).unwrap();
+            text.split("<br/>").filter_map(|l| l.strip_prefix("from John Doe on ")).map(|l| l[..16].to_string()).collect()
+        };
+        let evening = [at("2021-02-24T16:25:29+0000"), at("2021-02-24T18:25:29.750+02:00")];
+        assert_eq!(lines("UTC", &evening), ["2021-02-24 16:25", "2021-02-24 16:25"]);
+        assert_eq!(lines("Asia/Ho_Chi_Minh", &evening), ["2021-02-24 23:25", "2021-02-24 23:25"]);
+        assert_eq!(lines("Asia/Kathmandu", &[at("2024-05-01T10:10:00Z")]), ["2024-05-01 15:55"]);
+        let autumn = [at("2024-10-27T00:30:00Z"), at("2024-10-27T01:30:00Z"), at("2024-10-27T02:30:00Z")];
+        assert_eq!(
+            lines("Europe/Berlin", &autumn),
+            ["2024-10-27 02:30", "2024-10-27 02:30", "2024-10-27 03:30"],
+            "the hour that comes twice"
+        );
+        assert_eq!(evening[1]["timestamp"], "2021-02-24T16:25:29+0000", "the body stays UTC");
+        let named = Summary::new(Some("{{ timezone }}: {{ messages[0].time }}")).unwrap();
+        assert_eq!(named.render(&evening, &header, "Asia/Ho_Chi_Minh".parse().unwrap()).unwrap(), "Asia/Ho_Chi_Minh: 2021-02-24 23:25");
+        assert_eq!(named.render(&evening, &header, Tz::UTC).unwrap(), "UTC: 2021-02-24 16:25");
     }
 
     #[test]
@@ -571,8 +605,8 @@ mod tests {
         let summary = std::sync::Arc::new(Summary::new(None).unwrap());
         let (header, messages) = conversation();
         let s = summary.clone();
-        let other = std::thread::spawn(move || s.render(&messages, &header).unwrap()).join().unwrap();
+        let other = std::thread::spawn(move || s.render(&messages, &header, Tz::UTC).unwrap()).join().unwrap();
         let (header, messages) = conversation();
-        assert_eq!(other, summary.render(&messages, &header).unwrap());
+        assert_eq!(other, summary.render(&messages, &header, Tz::UTC).unwrap());
     }
 }

@@ -67,6 +67,32 @@ impl Serialize for Aggregation {
     }
 }
 
+/// The IANA time zone of a chat subscription's windows and summary (`Asia/Ho_Chi_Minh`),
+/// checked against chrono-tz's copy of the IANA database when the subscription is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeZone(pub chrono_tz::Tz);
+
+impl TimeZone {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        name.parse::<chrono_tz::Tz>()
+            .map(Self)
+            .map_err(|_| format!("unknown time zone `{name}`: expected an IANA name such as `Asia/Ho_Chi_Minh`, `Europe/Berlin` or `UTC`"))
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeZone {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for TimeZone {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name())
+    }
+}
+
 /// DooPage-style endpoint verification (GET challenge) settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +156,10 @@ pub struct Subscription {
     pub format: Format,
     #[serde(default)]
     pub aggregation: Aggregation,
+    /// Chat only: the time zone whose midnight the `aggregation` windows align to and whose
+    /// wall clock the summary shows. Default: UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<TimeZone>,
     /// Extra request headers, sent as given.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -198,6 +228,9 @@ impl Subscription {
         if self.source == Source::Crm && self.aggregation != Aggregation::None {
             return Err(ctx("`aggregation` applies to `source = \"chat\"` only".into()));
         }
+        if self.source == Source::Crm && self.timezone.is_some() {
+            return Err(ctx("`timezone` applies to `source = \"chat\"` only (it aligns aggregation windows)".into()));
+        }
         if self.source == Source::Chat && !matches!(self.dialect.as_str(), "timelines" | "standard") {
             return Err(ctx(format!(
                 "chat subscriptions send TimelinesAI payloads: set `dialect = \"timelines\"` or leave it out, not `{}`",
@@ -214,6 +247,11 @@ impl Subscription {
             }
         }
         Ok(())
+    }
+
+    /// The zone of this subscription's windows and summary: its `timezone`, else UTC.
+    pub fn zone(&self) -> chrono_tz::Tz {
+        self.timezone.map_or(chrono_tz::Tz::UTC, |z| z.0)
     }
 
     /// Whether `event_type` passes this subscription's filters.
@@ -262,6 +300,23 @@ mod tests {
         assert!(bad_url.validate().unwrap_err().contains("scheme"));
         let agg_crm = sub(r#"{"id":"s","tenant":"t","url":"http://x/","aggregation":"1h"}"#);
         assert!(agg_crm.validate().unwrap_err().contains("aggregation"));
+    }
+
+    #[test]
+    fn timezone_is_an_iana_name_for_chat_subscriptions() {
+        let chat =
+            |tz: &str| format!(r#"{{"id":"s","tenant":"t","url":"http://x/","source":"chat","aggregation":"24h","timezone":"{tz}"}}"#);
+        let s = sub(&chat("Asia/Ho_Chi_Minh"));
+        assert!(s.validate().is_ok());
+        assert_eq!(s.zone(), chrono_tz::Tz::Asia__Ho_Chi_Minh);
+        assert_eq!(serde_json::to_value(&s).unwrap()["timezone"], "Asia/Ho_Chi_Minh", "written back by name");
+        assert_eq!(sub(r#"{"id":"s","tenant":"t","url":"http://x/"}"#).zone(), chrono_tz::Tz::UTC, "default UTC");
+        let err = serde_json::from_str::<Subscription>(&chat("Asia/Hanoi")).unwrap_err().to_string();
+        assert!(err.starts_with("unknown time zone `Asia/Hanoi`: expected an IANA name"), "{err}");
+        let err = toml::from_str::<Subscription>("id = \"s\"\ntenant = \"t\"\nurl = \"http://x/\"\ntimezone = \"GMT+7\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown time zone `GMT+7`"), "{err}");
+        let crm = sub(r#"{"id":"s","tenant":"t","url":"http://x/","timezone":"Europe/Berlin"}"#);
+        assert!(crm.validate().unwrap_err().contains("`timezone` applies to `source = \"chat\"` only"));
     }
 
     #[test]

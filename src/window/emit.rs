@@ -21,6 +21,7 @@
 
 use std::ops::Range;
 
+use chrono_tz::Tz;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -76,9 +77,10 @@ pub enum Piece {
     Oversized { index: usize, error: EmitError },
 }
 
-/// Renders `bundle` as its parts (see the module docs). An error means the bundle as a whole
-/// cannot be rendered (unreadable header or message, a template failing on the data).
-pub fn render(summary: &Summary, bundle: &Bundle, limits: Limits) -> Result<Vec<Piece>, EmitError> {
+/// Renders `bundle` as its parts (see the module docs), the summaries' times on the clock of
+/// `zone`. An error means the bundle as a whole cannot be rendered (unreadable header or
+/// message, a template failing on the data).
+pub fn render(summary: &Summary, bundle: &Bundle, zone: Tz, limits: Limits) -> Result<Vec<Piece>, EmitError> {
     let header: BundleHeader = serde_json::from_slice(&bundle.header).map_err(EmitError::Header)?;
     let messages = bundle
         .messages
@@ -87,7 +89,7 @@ pub fn render(summary: &Summary, bundle: &Bundle, limits: Limits) -> Result<Vec<
         .map(|(index, m)| serde_json::from_slice(m).map_err(|source| EmitError::Message { index, source }))
         .collect::<Result<Vec<Value>, _>>()?;
     let body = |r: Range<usize>| -> Result<Vec<u8>, EmitError> {
-        let text = summary.render(&messages[r.clone()], &header)?;
+        let text = summary.render(&messages[r.clone()], &header, zone)?;
         Ok(timelines::bundle_payload(&header, &messages[r], &text))
     };
     let mut number = 0;
@@ -269,7 +271,7 @@ mod tests {
         let texts: Vec<String> = (0..300).map(|i| format!("message {i} <b>&</b> {}", "x".repeat(i % 50))).collect();
         let b = bundle(&texts);
         let summary = Summary::new(None).unwrap();
-        let pieces = render(&summary, &b, limits(16 * 1024, usize::MAX)).unwrap();
+        let pieces = render(&summary, &b, Tz::UTC, limits(16 * 1024, usize::MAX)).unwrap();
         assert!(pieces.len() > 3, "{} parts", pieces.len());
         let mut seen = Vec::new();
         let mut ids = Vec::new();
@@ -292,7 +294,7 @@ mod tests {
             assert_eq!(seen.len(), messages.end);
         }
         assert_eq!(seen, (0..300).map(|i| format!("m{i}")).collect::<Vec<_>>(), "all, once, in order");
-        assert_eq!(part_ids(&render(&summary, &b, limits(16 * 1024, usize::MAX)).unwrap()), ids, "the same bundle, the same ids");
+        assert_eq!(part_ids(&render(&summary, &b, Tz::UTC, limits(16 * 1024, usize::MAX)).unwrap()), ids, "the same bundle, the same ids");
     }
 
     fn part_ids(pieces: &[Piece]) -> Vec<String> {
@@ -322,7 +324,7 @@ mod tests {
                     partition: 0,
                     offset: i as i64,
                     ts_ms: m.timestamp_ms(),
-                    size_ms: 3_600_000,
+                    windows: crate::window::calendar::Windows::utc(3_600_000),
                     grace_ms: 0,
                     message: bytes,
                     header: &header,
@@ -330,7 +332,7 @@ mod tests {
                 .collect();
             store.apply(&batch).unwrap();
             let key = store.due(i64::MAX, 10).unwrap().remove(0);
-            let pieces = render(&summary, &store.begin_emit(&key).unwrap().unwrap(), limits(4_096, usize::MAX)).unwrap();
+            let pieces = render(&summary, &store.begin_emit(&key).unwrap().unwrap(), Tz::UTC, limits(4_096, usize::MAX)).unwrap();
             db.flush_blocking().unwrap();
             part_ids(&pieces) // part 1 produced, then the process dies: no `remove`
         };
@@ -338,7 +340,7 @@ mod tests {
         let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
         let store = WindowStore::open(&db).unwrap();
         let key = store.due(i64::MAX, 10).unwrap().remove(0);
-        let again = render(&summary, &store.begin_emit(&key).unwrap().unwrap(), limits(4_096, usize::MAX)).unwrap();
+        let again = render(&summary, &store.begin_emit(&key).unwrap().unwrap(), Tz::UTC, limits(4_096, usize::MAX)).unwrap();
         assert_eq!(part_ids(&again), first);
     }
 
@@ -365,7 +367,7 @@ mod tests {
     fn a_message_over_the_cap_alone_is_dead_lettered_with_the_reason() {
         let texts = vec!["short".to_string(), "y".repeat(8_000), "short too".to_string()];
         let b = bundle(&texts);
-        let pieces = render(&Summary::new(None).unwrap(), &b, limits(4_096, usize::MAX)).unwrap();
+        let pieces = render(&Summary::new(None).unwrap(), &b, Tz::UTC, limits(4_096, usize::MAX)).unwrap();
         assert!(matches!(&pieces[0], Piece::Part { number: 1, messages, .. } if *messages == (0..1)));
         let Piece::Oversized { index: 1, error } = &pieces[1] else { panic!("{pieces:?}") };
         assert!(error.to_string().starts_with("too_large: this message alone renders to a "), "{error}");

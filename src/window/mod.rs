@@ -34,6 +34,7 @@
 //! - [`stage`]: the Kafka side: routing chat messages, batched writes, emission, positions.
 //! - [`store`]: the sled-backed window store.
 
+pub mod calendar;
 pub mod clock;
 pub mod emit;
 pub mod stage;

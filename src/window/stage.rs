@@ -18,6 +18,7 @@ use std::sync::Arc;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio_util::sync::CancellationToken;
 
+use super::calendar::Windows;
 use super::clock::Clock;
 use super::emit::{self, EmitError, Limits, Piece};
 use super::store::{Bundle, BundleKey, Incoming, WindowStore};
@@ -27,7 +28,7 @@ use crate::ingest::Work;
 use crate::kafka::offsets::{OffsetTracker, Tp};
 use crate::kafka::{dead_letter, produce_until_acked, DeadLetter, ProduceError, SourceRef};
 use crate::render::timelines::{self, Summary};
-use crate::route::subscription::{Aggregation, Source};
+use crate::route::subscription::Source;
 use crate::Shared;
 
 /// Request header naming a bundle part and the number of parts, `2/3`: receivers that want
@@ -41,7 +42,7 @@ pub struct Pending {
     partition: i32,
     offset: i64,
     ts_ms: i64,
-    size_ms: i64,
+    windows: Windows,
     message: Arc<[u8]>,
     header: Arc<[u8]>,
 }
@@ -62,8 +63,8 @@ impl<'m> Parts<'m> {
         Self { m, partition, offset, header: None, message: None, parts: Vec::new() }
     }
 
-    /// Adds the message's part for aggregating subscription `sub_id` with windows of `size`.
-    pub fn push(&mut self, sub_id: &str, size: std::time::Duration) {
+    /// Adds the message's part for aggregating subscription `sub_id` with its `windows`.
+    pub fn push(&mut self, sub_id: &str, windows: Windows) {
         let m = self.m;
         let header = self.header.get_or_insert_with(|| Arc::from(timelines::header_bytes(m))).clone();
         let message = self.message.get_or_insert_with(|| Arc::from(timelines::message_bytes(m))).clone();
@@ -73,7 +74,7 @@ impl<'m> Parts<'m> {
             partition: self.partition,
             offset: self.offset,
             ts_ms: m.timestamp_ms(),
-            size_ms: size.as_millis() as i64,
+            windows,
             message,
             header,
         });
@@ -90,7 +91,7 @@ pub fn apply_parts(store: &WindowStore, parts: &[Pending], grace_ms: i64) -> Res
             partition: p.partition,
             offset: p.offset,
             ts_ms: p.ts_ms,
-            size_ms: p.size_ms,
+            windows: p.windows,
             grace_ms,
             message: &p.message,
             header: &p.header,
@@ -121,14 +122,14 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
     let source = work.source();
     let (mut single, mut parts) = (None, Parts::new(&m, work.tp.1, work.offset));
     for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
-        match sub.aggregation {
-            Aggregation::None => {
+        match Windows::of(sub) {
+            None => {
                 let body = single.get_or_insert_with(|| timelines::single_payload(&m)).clone();
                 let record = chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone());
                 work.deliveries.push((sub.id.clone(), record.encode()));
             }
-            Aggregation::Every(size) if applied.is_none_or(|c| work.offset > c) => parts.push(&sub.id, size),
-            Aggregation::Every(_) => {} // already in the window store (offset <= its checkpoint)
+            Some(windows) if applied.is_none_or(|c| work.offset > c) => parts.push(&sub.id, windows),
+            Some(_) => {} // already in the window store (offset <= its checkpoint)
         }
     }
     if work.deliveries.is_empty() && parts.parts.is_empty() {
@@ -350,7 +351,9 @@ impl ChatStage {
     fn outputs(&self, shared: &Shared, b: &Bundle) -> Vec<Output> {
         let source = |(partition, offset): (i32, i64)| SourceRef { topic: self.topic.clone(), partition, offset };
         let origin = |message: usize| b.origins.get(message).copied().unwrap_or((b.partition, b.first_offset));
-        let pieces = match emit::render(&self.summary, b, self.limits) {
+        let sub = shared.registry.index().get(&b.key.sub_id).cloned();
+        let zone = sub.as_ref().map_or(chrono_tz::Tz::UTC, |s| s.zone());
+        let pieces = match emit::render(&self.summary, b, zone, self.limits) {
             Ok(pieces) => pieces,
             Err(reason) => {
                 tracing::error!(%reason, sub = %b.key.sub_id, chat = %b.key.chat_id, "Bundle could not be rendered; sending it to the dead-letter topic.");
@@ -359,7 +362,7 @@ impl ChatStage {
             }
         };
         let parts = pieces.iter().filter(|p| matches!(p, Piece::Part { .. })).count();
-        let tenant = shared.registry.index().get(&b.key.sub_id).map(|s| s.tenant.clone()).unwrap_or_default();
+        let tenant = sub.map(|s| s.tenant.clone()).unwrap_or_default();
         let now = self.clock.now_ms();
         let into_output = |piece: Piece| match piece {
             Piece::Part { number, id, body, messages } => {

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sled::{Batch, Tree};
 
+use super::calendar::Windows;
 use crate::state::{Partitions, StateDb};
 
 /// Identifies a bundle: one chat, one subscription, one window.
@@ -57,8 +58,8 @@ pub struct Incoming<'a> {
     pub offset: i64,
     /// The message's own timestamp: it picks the window.
     pub ts_ms: i64,
-    /// The subscription's aggregation window.
-    pub size_ms: i64,
+    /// The subscription's aggregation windows: length and time zone.
+    pub windows: Windows,
     /// How long after the window's end the bundle waits for stragglers.
     pub grace_ms: i64,
     /// Message JSON, stored as is.
@@ -88,18 +89,13 @@ pub struct Bundle {
     pub first_offset: i64,
 }
 
-/// Start of the window of `size_ms` holding `ts_ms`: `floor(ts / size) * size`, also for
-/// timestamps before 1970. A size below 1 ms is taken as 1 ms.
-pub fn window_start(ts_ms: i64, size_ms: i64) -> i64 {
-    ts_ms.saturating_sub(ts_ms.rem_euclid(size_ms.max(1)))
-}
-
 /// Where a message goes, given the end of the last window emitted for its (sub, chat):
-/// its own window, or, if that one was emitted, the window starting at the marker (late).
-pub fn place(ts_ms: i64, size_ms: i64, emitted_end_ms: Option<i64>) -> (i64, bool) {
-    let start = window_start(ts_ms, size_ms);
+/// its own window ([`Windows::start`]), or, if that one was emitted, the window starting at
+/// the marker (late).
+pub fn place(ts_ms: i64, windows: Windows, emitted_end_ms: Option<i64>) -> (i64, bool) {
+    let start = windows.start(ts_ms);
     match emitted_end_ms {
-        Some(marker) if start.saturating_add(size_ms.max(1)) <= marker => (marker, true),
+        Some(marker) if windows.end(start) <= marker => (marker, true),
         _ => (start, false),
     }
 }
@@ -160,7 +156,7 @@ impl WindowStore {
                     marker
                 }
             };
-            let (mut start_ms, mut late) = place(m.ts_ms, m.size_ms, marker);
+            let (mut start_ms, mut late) = place(m.ts_ms, m.windows, marker);
             let mut id = [&pair[..], &ord(start_ms)].concat();
             let slot = self.slot(&mut slots, &id, start_ms, m)?;
             if slot.meta.emitting {
@@ -492,8 +488,11 @@ struct Part {
 const META_VERSION: u8 = 2;
 
 impl Meta {
+    /// A bundle starting at `start_ms` ends at the next boundary of its windows: `size`
+    /// later in UTC, at the next local midnight for a day in a zone (23 h or 25 h on the days
+    /// the clocks change), at the next boundary too for a late bundle starting off the grid.
     fn new(start_ms: i64, m: &Incoming<'_>) -> Self {
-        let end_ms = start_ms.saturating_add(m.size_ms.max(1));
+        let end_ms = m.windows.end(start_ms);
         let grace_ms = m.grace_ms.max(0);
         Self {
             end_ms,
@@ -632,7 +631,7 @@ mod tests {
 
     /// A message for a 1h window with a one-minute grace.
     fn msg<'a>(sub: &'a str, chat: &'a str, partition: i32, offset: i64, ts_ms: i64, message: &'a [u8]) -> Incoming<'a> {
-        Incoming { sub_id: sub, chat_id: chat, partition, offset, ts_ms, size_ms: H, grace_ms: MIN, message, header: HEADER }
+        Incoming { sub_id: sub, chat_id: chat, partition, offset, ts_ms, windows: Windows::utc(H), grace_ms: MIN, message, header: HEADER }
     }
 
     fn key(sub: &str, chat: &str, start_ms: i64) -> BundleKey {
@@ -644,20 +643,12 @@ mod tests {
     }
 
     #[test]
-    fn window_arithmetic() {
-        assert_eq!(window_start(0, H), 0);
-        assert_eq!(window_start(H - 1, H), 0);
-        assert_eq!(window_start(H, H), H);
-        assert_eq!(window_start(3 * H + 5, H), 3 * H);
-        assert_eq!(window_start(-1, H), -H, "floor, not truncation, before 1970");
-        assert_eq!(window_start(25_000, 10_000), 20_000);
-        assert_eq!(window_start(1_614_183_929_000, 24 * H), 1_614_124_800_000, "2021-02-24T16:25:29Z is in 2021-02-24");
-        assert_eq!(window_start(7, 0), 7, "a zero size is taken as 1 ms");
-        assert_eq!(window_start(i64::MIN, 3), i64::MIN, "saturates");
-        assert_eq!(place(H + 5, H, None), (H, false));
-        assert_eq!(place(H + 5, H, Some(H)), (H, false), "the emitted window ended where this one starts");
-        assert_eq!(place(H + 5, H, Some(2 * H)), (2 * H, true), "own window emitted: next bundle, late");
-        assert_eq!(place(5, H, Some(3 * H)), (3 * H, true), "several windows back: still the marker");
+    fn placing_against_the_late_marker() {
+        let hour = Windows::utc(H);
+        assert_eq!(place(H + 5, hour, None), (H, false));
+        assert_eq!(place(H + 5, hour, Some(H)), (H, false), "the emitted window ended where this one starts");
+        assert_eq!(place(H + 5, hour, Some(2 * H)), (2 * H, true), "own window emitted: next bundle, late");
+        assert_eq!(place(5, hour, Some(3 * H)), (3 * H, true), "several windows back: still the marker");
     }
 
     #[test]
@@ -700,9 +691,9 @@ mod tests {
         let (_dir, s) = open();
         let clock = ManualClock::new(0);
         let mut ten_s = msg("b", "c", 0, 2, 1_000, b"{}");
-        (ten_s.size_ms, ten_s.grace_ms) = (10_000, 0);
+        (ten_s.windows, ten_s.grace_ms) = (Windows::utc(10_000), 0);
         let mut six_h = msg("c", "c", 0, 3, 2_000, b"{}");
-        six_h.size_ms = 6 * H;
+        six_h.windows = Windows::utc(6 * H);
         s.apply(&[msg("a", "c", 0, 1, 0, b"{}"), ten_s, six_h, msg("a", "d", 0, 4, H, b"{}")]).unwrap();
         assert!(s.due(clock.now_ms(), 10).unwrap().is_empty());
         clock.advance(Duration::from_millis(9_999));
@@ -754,12 +745,12 @@ mod tests {
         s.apply(&[msg("s", "c", 0, 1, 10 * MIN, b"1h")]).unwrap();
         s.begin_emit(&key("s", "c", 0)).unwrap().unwrap();
         let mut day = msg("s", "c", 0, 2, 30 * MIN, b"24h");
-        day.size_ms = 24 * H;
+        day.windows = Windows::utc(24 * H);
         assert_eq!(s.apply(&[day]).unwrap(), [(key("s", "c", H), true)], "its 24h window starts where the emitted 1h one did");
         assert_eq!(texts(&s.begin_emit(&key("s", "c", 0)).unwrap().unwrap()), ["1h"]);
         s.remove(&key("s", "c", 0)).unwrap();
         let next = s.begin_emit(&key("s", "c", H)).unwrap().unwrap();
-        assert_eq!((texts(&next), next.late, next.end_ms), (vec!["24h"], true, 25 * H));
+        assert_eq!((texts(&next), next.late, next.end_ms), (vec!["24h"], true, 24 * H), "it ends where its day does");
     }
 
     #[test]

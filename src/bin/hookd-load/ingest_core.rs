@@ -13,9 +13,10 @@
 use std::time::{Duration, Instant};
 
 use hookd::ingest::chat::ChatMessage;
-use hookd::route::subscription::{Aggregation, Source};
+use hookd::route::subscription::Source;
 use hookd::route::Registry;
 use hookd::state::StateDb;
+use hookd::window::calendar::Windows;
 use hookd::window::stage::{apply_parts, Parts, Pending};
 use hookd::window::store::WindowStore;
 
@@ -142,9 +143,9 @@ fn route_one(
     let applied = store.checkpoint(partition)?;
     let mut parts = Parts::new(&m, partition, offset);
     for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
-        if let Aggregation::Every(size) = sub.aggregation {
+        if let Some(windows) = Windows::of(sub) {
             if applied.is_none_or(|c| offset > c) {
-                parts.push(&sub.id, size);
+                parts.push(&sub.id, windows);
             }
         }
     }
