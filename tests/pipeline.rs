@@ -237,6 +237,9 @@ async fn subscriptions_topic_adds_changes_and_deletes_at_run_time() {
     let sub = |events: &str| format!(r#"{{"id":"dyn","tenant":"t","url":"{}","events":{events},"dialect":"doopage"}}"#, rx.url("/dyn"));
     produce(&p, "hookd.subscriptions", "dyn", Some(&sub(r#"["contact.created"]"#))).await;
     produce(&p, "hookd.subscriptions", "broken", Some(r#"{"id":"broken","tenant":"t"}"#)).await;
+    let bad_zone =
+        r#"{"id":"zoned","tenant":"t","url":"https://h.example/","source":"chat","aggregation":"24h","timezone":"Mars/Olympus"}"#;
+    produce(&p, "hookd.subscriptions", "zoned", Some(bad_zone)).await;
     let (daemon, stop) = start_daemon(config(&brokers, state.path(), "")).await;
     assert!(daemon.shared.registry.index().get("dyn").is_some(), "materialised at start-up");
     produce(
@@ -265,8 +268,11 @@ async fn subscriptions_topic_adds_changes_and_deletes_at_run_time() {
         async move { gone }
     })
     .await;
-    let letters = read_topic(&brokers, "hookd.dlq", 1, Duration::from_secs(10));
-    assert_eq!(header(&letters[0], "hookd-dlq-stage").as_deref(), Some("subscriptions"));
+    let letters = read_topic(&brokers, "hookd.dlq", 2, Duration::from_secs(10));
+    assert!(letters.iter().all(|l| header(l, "hookd-dlq-stage").as_deref() == Some("subscriptions")));
+    let reasons: Vec<String> = letters.iter().filter_map(|l| header(l, "hookd-dlq-reason")).collect();
+    assert!(reasons.iter().any(|r| r.contains("unknown time zone `Mars/Olympus`")), "{reasons:?}");
+    assert!(reg.registry.index().get("zoned").is_none(), "an invalid subscription is not applied");
     stop.cancel();
     daemon.wait().await.unwrap();
 }

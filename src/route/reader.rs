@@ -170,5 +170,9 @@ mod tests {
         let bad_dialect = br#"{"id":"s1","tenant":"t","url":"https://h.example/x","dialect":"nope"}"#;
         assert!(decode(Some(b"s1"), Some(bad_dialect), &d).unwrap_err().contains("nope"));
         assert!(decode(Some(b"s1"), Some(b"{"), &d).unwrap_err().contains("invalid subscription"));
+        let bad_zone =
+            br#"{"id":"s1","tenant":"t","url":"https://h.example/x","source":"chat","aggregation":"24h","timezone":"Asia/Saigon City"}"#;
+        let reason = decode(Some(b"s1"), Some(bad_zone), &d).unwrap_err();
+        assert!(reason.starts_with("invalid subscription: unknown time zone `Asia/Saigon City`"), "{reason}");
     }
 }
