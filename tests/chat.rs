@@ -202,3 +202,35 @@ async fn restart_with_open_bundles_reads_no_old_record_again() {
     stop.cancel();
     daemon.wait().await.unwrap();
 }
+
+/// TimelinesAI: "any non-200 is an error". A chat subscription with `success = "200"` has a
+/// 201 retried (and the retry waits exactly its schedule's second: `jitter_percent = 0`),
+/// while one with the dialect's rule takes the 201 as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_subscription_can_count_only_200_as_success() {
+    let (_mock, brokers) = mock_broker();
+    let rx = Receiver::start().await;
+    rx.set_mode(common::receiver::Mode::Status(201));
+    let state = tempfile::tempdir().unwrap();
+    let strict = chat_subscription("strict", TENANT, "none", &rx.url("/strict"))
+        + "success = \"200\"\nretry = { delays_secs = [1], jitter_percent = 0 }\n";
+    let subs = strict + &chat_subscription("lax", TENANT, "none", &rx.url("/lax"));
+    let (daemon, stop) = start_daemon(config(&brokers, state.path(), &subs)).await;
+    let p = producer(&brokers);
+    produce(&p, "chat.messages", "A", Some(&message("m1", "A", T0, "John Doe", "hello"))).await;
+    wait_until(Duration::from_secs(30), "the strict subscription's retry", || {
+        let n = requests_to(&rx, "/strict").len();
+        async move { n >= 2 }
+    })
+    .await;
+    let strict = requests_to(&rx, "/strict");
+    assert_eq!(strict[0].body, strict[1].body, "the same message again");
+    assert_eq!(requests_to(&rx, "/lax").len(), 1, "201 delivered it");
+    let m = daemon.shared.metrics.render();
+    assert!(m.contains("hookd_deliveries_total{outcome=\"success\"} 1"), "{m}");
+    assert!(m.contains("hookd_request_errors_total{kind=\"status\"}"), "{m}");
+    let error = daemon.shared.endpoints.state("strict").unwrap().last_error.unwrap_or_default();
+    assert_eq!(error, "HTTP status 201 is not a success for this subscription (success = \"200\")");
+    stop.cancel();
+    daemon.wait().await.unwrap();
+}

@@ -1,22 +1,24 @@
 //! Retry delay arithmetic: jitter around the subscription's schedule, and `Retry-After`.
 //!
 //! What it does: given the schedule's delay for the next send (the caller picks it from the
-//! subscription's `retry.delays_secs`), a uniform random number from the caller's rng and the
-//! endpoint's `Retry-After` answer, returns how long to wait before the next send.
+//! subscription's `retry.delays_secs`), a uniform random number from the caller's rng, the
+//! subscription's jitter spread (`retry.jitter_percent`) and the endpoint's `Retry-After`
+//! answer, returns how long to wait before the next send.
 //!
 //! Guarantees: pure (no clock, no rng inside, so tests are exact) and total (no input makes
 //! it panic or overflow: results saturate at `Duration::MAX`).
 //!
-//! The formula, with `j` the caller's jitter in `[0, 1)`:
+//! The formula, with `j` the caller's jitter in `[0, 1)` and `s` the spread (0.2 by default):
 //!
 //! ```text
-//! jittered = base * (0.8 + 0.4 * j)                 // uniform in [0.8 * base, 1.2 * base)
+//! jittered = base * (1 - s + 2 * s * j)             // uniform in [(1 - s) * base, (1 + s) * base)
 //! honoured = min(retry_after, bounds.max)           // when the endpoint sent Retry-After
 //! delay    = max(jittered, honoured, bounds.min)
 //! ```
 //!
-//! `j = 0.5` means "no jitter" (factor 1.0); a `j` outside `[0, 1)` or NaN is clamped into
-//! range (NaN counts as 0.5). `bounds.max` caps only what the endpoint asked for, never the
+//! `s = 0` is the schedule exactly (`jittered = base`, no floating point involved); `j = 0.5`
+//! gives the factor 1.0 too. A `j` outside `[0, 1)` or NaN is clamped into range (NaN counts
+//! as 0.5), an `s` outside `[0, 1]` likewise (NaN counts as 0). `bounds.max` caps only what the endpoint asked for, never the
 //! operator's own schedule, so a long configured delay stays long; `bounds.min` applies to
 //! the result so that a zero delay in the schedule cannot make a hot retry loop.
 
@@ -24,7 +26,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-/// Maximum relative deviation of the jittered delay from the schedule (20 %).
+/// Default maximum relative deviation of the jittered delay from the schedule (20 %).
 pub const JITTER_SPREAD: f64 = 0.2;
 
 /// Limits on how far a `Retry-After` answer (and the result) may move the next send.
@@ -47,11 +49,17 @@ impl Default for RetryAfterBounds {
 /// Returns the delay before the next send (see the module docs for the exact formula).
 ///
 /// `base` is the schedule's delay, `retry_after` the endpoint's parsed `Retry-After` if it
-/// sent one, `jitter` a uniform sample in `[0, 1)` from the caller's rng.
-pub fn retry_delay(base: Duration, retry_after: Option<Duration>, jitter: f64, bounds: RetryAfterBounds) -> Duration {
+/// sent one, `jitter` a uniform sample in `[0, 1)` from the caller's rng, `spread` the
+/// largest relative deviation ([`JITTER_SPREAD`] by default, 0 for none).
+pub fn retry_delay(base: Duration, retry_after: Option<Duration>, jitter: f64, spread: f64, bounds: RetryAfterBounds) -> Duration {
     let jitter = if jitter.is_nan() { 0.5 } else { jitter.clamp(0.0, 1.0) };
-    let factor = (1.0 - JITTER_SPREAD) + 2.0 * JITTER_SPREAD * jitter;
-    let jittered = Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(Duration::MAX);
+    let spread = if spread.is_nan() { 0.0 } else { spread.clamp(0.0, 1.0) };
+    let jittered = if spread == 0.0 {
+        base
+    } else {
+        let factor = (1.0 - spread) + 2.0 * spread * jitter;
+        Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+    };
     let honoured = retry_after.map_or(Duration::ZERO, |ra| ra.min(bounds.max));
     jittered.max(honoured).max(bounds.min)
 }
@@ -106,10 +114,10 @@ mod tests {
 
     #[test]
     fn jitter_spans_plus_minus_twenty_percent() {
-        assert_eq!(retry_delay(secs(100), None, 0.0, B), secs(80));
-        assert_eq!(retry_delay(secs(100), None, 0.5, B), secs(100));
-        assert_eq!(retry_delay(secs(100), None, 0.75, B), secs(110));
-        let top = retry_delay(secs(100), None, 0.999_999, B);
+        assert_eq!(retry_delay(secs(100), None, 0.0, JITTER_SPREAD, B), secs(80));
+        assert_eq!(retry_delay(secs(100), None, 0.5, JITTER_SPREAD, B), secs(100));
+        assert_eq!(retry_delay(secs(100), None, 0.75, JITTER_SPREAD, B), secs(110));
+        let top = retry_delay(secs(100), None, 0.999_999, JITTER_SPREAD, B);
         assert!(top < secs(120) && top > Duration::from_secs_f64(119.99), "{top:?}");
     }
 
@@ -117,42 +125,53 @@ mod tests {
     fn jitter_is_monotonic_and_clamped() {
         let mut last = Duration::ZERO;
         for i in 0..100 {
-            let d = retry_delay(secs(60), None, f64::from(i) / 100.0, B);
+            let d = retry_delay(secs(60), None, f64::from(i) / 100.0, JITTER_SPREAD, B);
             assert!(d >= last, "not monotonic at {i}");
             last = d;
         }
-        assert_eq!(retry_delay(secs(100), None, -3.0, B), secs(80));
-        assert_eq!(retry_delay(secs(100), None, 7.0, B), secs(120));
-        assert_eq!(retry_delay(secs(100), None, f64::NAN, B), secs(100));
+        assert_eq!(retry_delay(secs(100), None, -3.0, JITTER_SPREAD, B), secs(80));
+        assert_eq!(retry_delay(secs(100), None, 7.0, JITTER_SPREAD, B), secs(120));
+        assert_eq!(retry_delay(secs(100), None, f64::NAN, JITTER_SPREAD, B), secs(100));
     }
 
     #[test]
     fn retry_after_honoured_only_when_longer() {
-        assert_eq!(retry_delay(secs(60), Some(secs(300)), 0.5, B), secs(300));
-        assert_eq!(retry_delay(secs(60), Some(secs(10)), 0.5, B), secs(60));
+        assert_eq!(retry_delay(secs(60), Some(secs(300)), 0.5, JITTER_SPREAD, B), secs(300));
+        assert_eq!(retry_delay(secs(60), Some(secs(10)), 0.5, JITTER_SPREAD, B), secs(60));
         // Longer than the base but shorter than the jittered base: jitter wins.
-        assert_eq!(retry_delay(secs(100), Some(secs(105)), 0.75, B), secs(110));
+        assert_eq!(retry_delay(secs(100), Some(secs(105)), 0.75, JITTER_SPREAD, B), secs(110));
     }
 
     #[test]
     fn retry_after_capped_at_max_but_schedule_is_not() {
-        assert_eq!(retry_delay(secs(60), Some(secs(86_400)), 0.5, B), secs(3600));
-        assert_eq!(retry_delay(secs(60), Some(Duration::MAX), 0.5, B), secs(3600));
-        assert_eq!(retry_delay(secs(7200), Some(secs(86_400)), 0.5, B), secs(7200));
-        assert_eq!(retry_delay(secs(7200), None, 0.5, B), secs(7200));
+        assert_eq!(retry_delay(secs(60), Some(secs(86_400)), 0.5, JITTER_SPREAD, B), secs(3600));
+        assert_eq!(retry_delay(secs(60), Some(Duration::MAX), 0.5, JITTER_SPREAD, B), secs(3600));
+        assert_eq!(retry_delay(secs(7200), Some(secs(86_400)), 0.5, JITTER_SPREAD, B), secs(7200));
+        assert_eq!(retry_delay(secs(7200), None, 0.5, JITTER_SPREAD, B), secs(7200));
     }
 
     #[test]
     fn never_below_min() {
-        assert_eq!(retry_delay(Duration::ZERO, None, 0.0, B), secs(1));
-        assert_eq!(retry_delay(Duration::ZERO, Some(Duration::ZERO), 0.9, B), secs(1));
+        assert_eq!(retry_delay(Duration::ZERO, None, 0.0, JITTER_SPREAD, B), secs(1));
+        assert_eq!(retry_delay(Duration::ZERO, Some(Duration::ZERO), 0.9, JITTER_SPREAD, B), secs(1));
         let b = RetryAfterBounds { min: secs(5), max: secs(10) };
-        assert_eq!(retry_delay(secs(2), Some(secs(3)), 0.5, b), secs(5));
+        assert_eq!(retry_delay(secs(2), Some(secs(3)), 0.5, JITTER_SPREAD, b), secs(5));
+    }
+
+    #[test]
+    fn zero_spread_is_the_schedule_exactly() {
+        for j in [0.0, 0.3, 0.999, f64::NAN] {
+            assert_eq!(retry_delay(secs(60), None, j, 0.0, B), secs(60));
+            assert_eq!(retry_delay(Duration::from_millis(61_440_123), None, j, 0.0, B), Duration::from_millis(61_440_123));
+        }
+        assert_eq!(retry_delay(secs(60), None, 0.0, f64::NAN, B), secs(60), "NaN spread: none");
+        assert_eq!(retry_delay(secs(60), None, 0.0, 5.0, B), secs(1), "spread clamped to 1: down to the floor");
+        assert_eq!(retry_delay(secs(100), None, 0.0, 0.5, B), secs(50));
     }
 
     #[test]
     fn huge_base_saturates_instead_of_panicking() {
-        assert_eq!(retry_delay(Duration::MAX, None, 0.99, B), Duration::MAX);
+        assert_eq!(retry_delay(Duration::MAX, None, 0.99, JITTER_SPREAD, B), Duration::MAX);
     }
 
     fn now() -> DateTime<Utc> {

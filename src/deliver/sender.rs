@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::backoff::{retry_delay, RetryAfterBounds};
+use super::backoff::RetryAfterBounds;
 use super::http::{HttpConfig, HttpSender, OutboundRequest};
 use super::park::{ParkStore, Parked};
 use super::record::DeliveryRecord;
@@ -525,7 +525,7 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
     let attempt = ctx.http.post(OutboundRequest { url: &sub.url, headers: &headers, body: &record.body }).await;
     s.metrics.requests_in_flight.dec();
     super::lifecycle::log_request(s, sub, &record, &headers, &attempt);
-    let rule = s.dialects.success_rule(&sub.dialect);
+    let rule = s.dialects.success_rule_of(sub);
     let ok = attempt.error.is_none() && attempt.status.is_some_and(|st| rule.is_success(st));
     let secs = attempt.duration.as_secs_f64();
     s.metrics.request_duration.with_label_values(&[if ok { "success" } else { "failure" }]).observe(secs);
@@ -540,6 +540,7 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
     }
     let error = match (&attempt.error, attempt.status) {
         (Some(e), _) => e.to_string(),
+        (None, Some(st)) if sub.success.is_some() => format!("HTTP status {st} is not a success for this subscription (success = {rule})"),
         (None, Some(st)) => format!("HTTP status {st} is not a success for dialect `{}`", sub.dialect),
         (None, None) => "no response".to_string(),
     };
@@ -551,9 +552,8 @@ async fn send_and_settle(ctx: &Ctx, sub: &Subscription, state: &SubState, record
     let failed = super::lifecycle::Failed { error: &error, gone, will_retry };
     super::lifecycle::on_failure(s, sub, &record, failed, &ctx.hard_stop).await;
     if will_retry {
-        let base = sub.retry.base_delay(record.attempt + 1);
         let bounds = RetryAfterBounds { min: Duration::from_secs(1), max: Duration::from_secs(s.config.delivery.retry_after_max_secs) };
-        let delay = retry_delay(base, attempt.retry_after, rand::random::<f64>(), bounds);
+        let delay = sub.retry.delay(record.attempt + 1, attempt.retry_after, rand::random::<f64>(), bounds);
         let next = record.next_attempt(now_ms() + delay.as_millis() as i64, error.clone());
         tracing::info!(subscription = %sub.id, webhook_id = %record.id, attempt = record.attempt, %error, retry_in_secs = delay.as_secs(), "Delivery failed; will retry.");
         let retry = &s.config.topics.retry;

@@ -91,7 +91,7 @@ fn process_crm(shared: &Shared, msg: &BorrowedMessage<'_>) -> Work {
     let now = shared.clock.now_ms();
     let source = work.source();
     for sub in index.matching(&event.tenant, Source::Crm, &event.event_type) {
-        match shared.dialects.render_crm(&sub.dialect, sub.format, &event) {
+        match shared.dialects.render_for(sub, &event) {
             Ok(r) => {
                 let record = DeliveryRecord {
                     id: webhook_id(&sub.id, &event.id),

@@ -5,7 +5,7 @@
 use chrono::SecondsFormat;
 use serde_json::{Map, Value};
 
-use super::{json_bytes, own_entity_key, xml, RenderError, Rendered, SuccessRule};
+use super::{json_bytes, own_entity_key, xml, BodyTimestamp, RenderError, Rendered, SuccessRule};
 use crate::ingest::event::CrmEvent;
 use crate::route::subscription::Format;
 
@@ -65,11 +65,12 @@ impl Builtin {
         }
     }
 
-    /// Renders `ev`; `format` has already been checked with [`Builtin::supports`].
-    pub(super) fn render(self, format: Format, ev: &CrmEvent, event_name: String) -> Result<Rendered, RenderError> {
+    /// Renders `ev`; `format` has already been checked with [`Builtin::supports`]. `stamp`
+    /// concerns the doopage body only.
+    pub(super) fn render(self, format: Format, ev: &CrmEvent, event_name: String, stamp: BodyTimestamp) -> Result<Rendered, RenderError> {
         let body = match self {
             Self::AntCrm | Self::BeeIq => antcrm_body(ev, &event_name),
-            Self::DooPage => doopage_body(ev, &event_name),
+            Self::DooPage => doopage_body(ev, &event_name, stamp),
             Self::Standard => standard_body(ev),
             Self::Teamcrop => return teamcrop(format, ev, event_name),
             Self::Timelines => return Err(RenderError::NotForCrm(self.name().to_string())),
@@ -121,12 +122,23 @@ fn event_content(changes: &Value) -> Value {
     Value::Object(out)
 }
 
-/// DooPage: `{company_id, event_type, timestamp (epoch ms), data}`.
-fn doopage_body(ev: &CrmEvent, event_type: &str) -> Value {
+/// DooPage event types whose samples in the seed carry no `timestamp`.
+pub(super) const DOOPAGE_UNTIMED: [&str; 4] = ["tag_set", "tag_unset", "note_changed", "customer_pipeline_updated"];
+
+/// DooPage: `{company_id, event_type, timestamp (epoch ms), data}`; `timestamp` as `stamp`
+/// says.
+fn doopage_body(ev: &CrmEvent, event_type: &str, stamp: BodyTimestamp) -> Value {
     let mut body = Map::new();
     body.insert("company_id".into(), company_id(&ev.tenant));
     body.insert("event_type".into(), Value::String(event_type.to_string()));
-    body.insert("timestamp".into(), Value::from(ev.occurred_at.timestamp_millis()));
+    let timed = match stamp {
+        BodyTimestamp::Always => true,
+        BodyTimestamp::AsSamples => !DOOPAGE_UNTIMED.contains(&event_type),
+        BodyTimestamp::Never => false,
+    };
+    if timed {
+        body.insert("timestamp".into(), Value::from(ev.occurred_at.timestamp_millis()));
+    }
     body.insert("data".into(), Value::Object(ev.data.clone()));
     Value::Object(body)
 }
@@ -187,7 +199,7 @@ mod tests {
     #[test]
     fn antcrm_leaves_out_absent_fields() {
         let ev = event(r#"{"id":"e","tenant":"1","type":"task.created","occurred_at":0,"data":{"task":{"taskId":1}}}"#);
-        let r = Builtin::AntCrm.render(Format::Json, &ev, "TASK_CREATE".into()).unwrap();
+        let r = Builtin::AntCrm.render(Format::Json, &ev, "TASK_CREATE".into(), BodyTimestamp::Always).unwrap();
         assert_eq!(body(&r), r#"{"eventCode":"TASK_CREATE","task":{"taskId":1}}"#);
         assert_eq!(r.content_type, "application/json");
         assert!(r.headers.is_empty());
@@ -199,7 +211,7 @@ mod tests {
             r#"{"id":"e","tenant":"1","type":"note.created","occurred_at":0,"content":"c","actor":{"id":"a"},
                "data":{"eventCode":"X","createdBy":"Y","note":{"n":1},"link":"kept","content":"dropped"}}"#,
         );
-        let r = Builtin::BeeIq.render(Format::Json, &ev, "NOTE_CREATE".into()).unwrap();
+        let r = Builtin::BeeIq.render(Format::Json, &ev, "NOTE_CREATE".into(), BodyTimestamp::Always).unwrap();
         assert_eq!(body(&r), r#"{"eventCode":"NOTE_CREATE","createdBy":{"id":"a"},"note":{"n":1},"link":"kept","content":"c"}"#);
     }
 
@@ -223,29 +235,29 @@ mod tests {
     fn standard_uses_producer_name_and_rfc3339_millis() {
         let ev =
             event(r#"{"id":"e","tenant":"ws-1","type":"contact.created","occurred_at":1618118040123,"data":{"contact":{"b":1,"a":2}}}"#);
-        let r = Builtin::Standard.render(Format::Json, &ev, "contact.created".into()).unwrap();
+        let r = Builtin::Standard.render(Format::Json, &ev, "contact.created".into(), BodyTimestamp::Always).unwrap();
         assert_eq!(body(&r), r#"{"type":"contact.created","timestamp":"2021-04-11T05:14:00.123Z","data":{"contact":{"b":1,"a":2}}}"#);
     }
 
     #[test]
     fn doopage_keeps_string_tenant() {
         let ev = event(r#"{"id":"e","tenant":"ws-1","type":"tag.set","occurred_at":5,"data":{}}"#);
-        let r = Builtin::DooPage.render(Format::Json, &ev, "tag_set".into()).unwrap();
+        let r = Builtin::DooPage.render(Format::Json, &ev, "tag_set".into(), BodyTimestamp::Always).unwrap();
         assert_eq!(body(&r), r#"{"company_id":"ws-1","event_type":"tag_set","timestamp":5,"data":{}}"#);
     }
 
     #[test]
     fn teamcrop_takes_own_entity_or_only_key_else_errors() {
         let ev = event(r#"{"id":"e","tenant":"1","type":"contact.created","occurred_at":0,"data":{"customer":{"id":7}}}"#);
-        let r = Builtin::Teamcrop.render(Format::Json, &ev, "customer.add".into()).unwrap();
+        let r = Builtin::Teamcrop.render(Format::Json, &ev, "customer.add".into(), BodyTimestamp::Always).unwrap();
         assert_eq!(body(&r), r#"{"id":7}"#);
-        let r = Builtin::Teamcrop.render(Format::Xml, &ev, "customer.add".into()).unwrap();
+        let r = Builtin::Teamcrop.render(Format::Xml, &ev, "customer.add".into(), BodyTimestamp::Always).unwrap();
         assert_eq!(body(&r), r#"<?xml version="1.0" encoding="UTF-8"?><customer><id>7</id></customer>"#);
         assert_eq!(r.content_type, "application/xml; charset=utf-8");
         assert_eq!(r.headers, vec![("Tc-Webhook-Event".to_string(), "customer.add".to_string())]);
 
         let ev = event(r#"{"id":"e","tenant":"1","type":"order.created","occurred_at":0,"data":{"a":{},"b":{}}}"#);
-        let err = Builtin::Teamcrop.render(Format::Json, &ev, "order.add".into()).unwrap_err();
+        let err = Builtin::Teamcrop.render(Format::Json, &ev, "order.add".into(), BodyTimestamp::Always).unwrap_err();
         assert_eq!(err.to_string(), "dialect `teamcrop` needs the `order` object in `data` of a `order.created` event, found keys [a, b]");
     }
 }

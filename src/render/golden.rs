@@ -2,9 +2,11 @@
 //!
 //! `testdata/` holds the samples as the seeds print them: `teamcrop_order.json` (seed 002),
 //! `doopage_samples.json` (seed 003, every payload sample in its order), `beeiq_samples.json`
-//! (seed 001's field samples, keyed by field). `beeiq_*.json` are full AntCRM/BeeIQ bodies put
-//! together from those field samples in the order of DESIGN section 4. Bodies are compared
-//! as values and, where the seeds fix key order, as serialized text too.
+//! (seed 001's field samples, keyed by field), `antcrm_samples.txt` (seed 000's field samples
+//! line for line, in the seed's own notation: bare keys, no commas). `beeiq_*.json` are full
+//! BeeIQ bodies put together from those field samples in the order of DESIGN section 4; the
+//! AntCRM bodies are checked against seed 000's samples and parameter table directly. Bodies
+//! are compared as values and, where the seeds fix key order, as serialized text too.
 
 use std::collections::BTreeMap;
 
@@ -15,13 +17,14 @@ use serde_json::{json, Map, Value};
 
 use super::{Dialects, Rendered};
 use crate::ingest::event::CrmEvent;
-use crate::route::subscription::Format;
+use crate::route::subscription::{Format, Subscription};
 
 const TEAMCROP_ORDER: &str = include_str!("testdata/teamcrop_order.json");
 const DOOPAGE_SAMPLES: &str = include_str!("testdata/doopage_samples.json");
 const BEEIQ_SAMPLES: &str = include_str!("testdata/beeiq_samples.json");
 const BEEIQ_CONTACT_CREATED: &str = include_str!("testdata/beeiq_contact_created.json");
 const BEEIQ_DEAL_STAGE_CHANGED: &str = include_str!("testdata/beeiq_deal_stage_changed.json");
+const ANTCRM_SAMPLES: &str = include_str!("testdata/antcrm_samples.txt");
 
 fn parse(text: &str) -> Value {
     serde_json::from_str(text).unwrap()
@@ -85,6 +88,73 @@ fn beeiq_ticket_and_task_objects_are_spread_at_top_level() {
     }
 }
 
+/// Seed 000's field samples (`testdata/antcrm_samples.txt`) as JSON values, keys in the
+/// seed's order: `createdBy`, `contact`, `ticket`, `task` objects and the `link` string.
+fn antcrm_samples() -> Map<String, Value> {
+    let mut fields = Map::new();
+    for section in ANTCRM_SAMPLES.split("\n== ").skip(1) {
+        let (name, text) = section.split_once('\n').unwrap();
+        fields.insert(name.to_string(), seed_value(text.trim()));
+    }
+    fields
+}
+
+/// One sample in the seed's notation: a URL, or an object with one `key:value` per line
+/// (keys bare or quoted, values JSON, a trailing comma or none, outer braces optional).
+fn seed_value(text: &str) -> Value {
+    if text.starts_with("https://") {
+        return Value::String(text.to_string());
+    }
+    let inner = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(text);
+    let mut object = Map::new();
+    for line in inner.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (key, value) = line.split_once(':').unwrap_or_else(|| panic!("not `key:value`: {line}"));
+        object.insert(key.trim().trim_matches('"').to_string(), parse(value.trim().trim_end_matches(',')));
+    }
+    Value::Object(object)
+}
+
+/// Seed 000's own samples: every AntCRM event it lists (create, update, stage change, add
+/// note, assign) for its contact, task and ticket samples gives the body of its parameter
+/// table, `{eventCode, createdBy, <entity>, link}` in that order, each field the seed's sample
+/// with its keys in the seed's order. The seed has no code for "assign": an assignment is a
+/// change (`TASK_CHANGE`, `TICKET_CHANGE`).
+#[test]
+fn antcrm_bodies_carry_seed_000_samples_exactly() {
+    let samples = antcrm_samples();
+    let keys: Vec<&str> = samples.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["createdBy", "contact", "ticket", "task", "link"]);
+    assert_eq!(samples["ticket"]["TicketId"], 434);
+    assert_eq!(samples["contact"]["name"], "huyen@grandpasgarđến.org");
+    let rows = [
+        ("contact.created", "contact", "CONTACT_CREATE"),
+        ("contact.updated", "contact", "CONTACT_CHANGE"),
+        ("contact.stage_changed", "contact", "CONTACT_CHANGE_STAGE"),
+        ("note.created", "contact", "NOTE_CREATE"),
+        ("task.created", "task", "TASK_CREATE"),
+        ("task.updated", "task", "TASK_CHANGE"),
+        ("task.assigned", "task", "TASK_CHANGE"),
+        ("note.created", "task", "NOTE_CREATE"),
+        ("ticket.created", "ticket", "TICKET_CREATE"),
+        ("ticket.updated", "ticket", "TICKET_CHANGE"),
+        ("ticket.assigned", "ticket", "TICKET_CHANGE"),
+        ("note.created", "ticket", "NOTE_CREATE"),
+    ];
+    let (created_by, link) = (&samples["createdBy"], &samples["link"]);
+    for (producer_type, entity, code) in rows {
+        let ev = event("1260", producer_type, json!({ entity: samples[entity] }), json!({"actor": created_by, "link": link}));
+        let r = dialects().render_crm("antcrm", Format::Json, &ev).unwrap();
+        assert_same_json(&r, &json!({"eventCode": code, "createdBy": created_by, entity: samples[entity], "link": link}));
+        assert_eq!((r.event_name.as_str(), r.content_type.as_str()), (code, "application/json"), "{producer_type}");
+        assert!(r.headers.is_empty());
+    }
+    // The task sample is JSON in the seed already: its bytes, line breaks taken out, are in the body.
+    let task_text = ANTCRM_SAMPLES.split("\n== task\n").nth(1).unwrap().split("\n== ").next().unwrap().replace('\n', "");
+    let ev = event("1260", "task.assigned", json!({"task": samples["task"]}), json!({}));
+    let body = String::from_utf8(dialects().render_crm("antcrm", Format::Json, &ev).unwrap().body).unwrap();
+    assert_eq!(body, format!(r#"{{"eventCode":"TASK_CHANGE","task":{task_text}}}"#));
+}
+
 #[test]
 fn antcrm_event_code_table() {
     let rows = [
@@ -100,6 +170,8 @@ fn antcrm_event_code_table() {
         ("order.created", "DEAL_CREATE"),
         ("order.updated", "DEAL_CHANGE"),
         ("note.created", "NOTE_CREATE"),
+        ("task.assigned", "TASK_CHANGE"),
+        ("ticket.assigned", "TICKET_CHANGE"),
         ("invoice.paid", "invoice.paid"),
     ];
     let d = dialects();
@@ -212,6 +284,34 @@ fn doopage_samples_without_timestamp_match_but_for_it() {
         assert_eq!(serde_json::to_string(&got).unwrap(), serde_json::to_string(&want).unwrap(), "{wire}");
     }
     assert_eq!(parse(DOOPAGE_SAMPLES).as_array().unwrap().len(), DOOPAGE_TIMED.len() + DOOPAGE_UNTIMED.len());
+}
+
+/// `body_timestamp = "as_samples"`: every one of seed 003's samples, to the byte, from the
+/// built-in dialect; `"never"` leaves `timestamp` out of all of them.
+#[test]
+fn doopage_as_samples_reproduces_every_sample_exactly() {
+    let sub = |stamp: &str| -> Subscription {
+        let json = format!(r#"{{"id":"dp","tenant":"1","url":"https://x.example/","dialect":"doopage","body_timestamp":"{stamp}"}}"#);
+        let sub: Subscription = serde_json::from_str(&json).unwrap();
+        sub.validate().unwrap();
+        sub
+    };
+    let (as_samples, never, d) = (sub("as_samples"), sub("never"), dialects());
+    for (wire, producer_type) in DOOPAGE_TIMED.iter().chain(DOOPAGE_UNTIMED.iter()) {
+        let want = doopage_sample(wire);
+        let ev = event("1", producer_type, want["data"].clone(), json!({}));
+        assert_same_json(&d.render_for(&as_samples, &ev).unwrap(), &want);
+        let mut untimed = want.clone();
+        untimed.as_object_mut().unwrap().shift_remove("timestamp");
+        assert_same_json(&d.render_for(&never, &ev).unwrap(), &untimed);
+    }
+    let samples = parse(DOOPAGE_SAMPLES);
+    let without: Vec<&str> =
+        samples.as_array().unwrap().iter().filter(|s| s.get("timestamp").is_none()).map(|s| s["event_type"].as_str().unwrap()).collect();
+    assert_eq!(without, super::builtin::DOOPAGE_UNTIMED, "the built-in list is the samples without a timestamp");
+    let mut wrong = as_samples.clone();
+    wrong.dialect = "antcrm".into();
+    assert!(wrong.validate().unwrap_err().contains("`body_timestamp` applies to `dialect = \"doopage\"` only"));
 }
 
 #[test]

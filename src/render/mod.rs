@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ingest::event::CrmEvent;
-use crate::route::subscription::Format;
+use crate::route::subscription::{Format, Subscription};
 
 use builtin::Builtin;
 use custom::CustomDialect;
@@ -65,6 +65,16 @@ pub enum SuccessRule {
     Exactly200,
 }
 
+impl std::fmt::Display for SuccessRule {
+    /// As written in config: `"2xx"`, `"200"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Any2xx => "\"2xx\"",
+            Self::Exactly200 => "\"200\"",
+        })
+    }
+}
+
 impl SuccessRule {
     pub fn is_success(self, status: u16) -> bool {
         match self {
@@ -72,6 +82,20 @@ impl SuccessRule {
             Self::Exactly200 => status == 200,
         }
     }
+}
+
+/// Whether a DooPage body carries `timestamp`: a subscription's `body_timestamp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyTimestamp {
+    /// In every body (the default): receivers can always order events.
+    #[default]
+    Always,
+    /// As the seed's samples: left out of `tag_set`, `tag_unset`, `note_changed` and
+    /// `customer_pipeline_updated`, in every other body.
+    AsSamples,
+    /// In no body.
+    Never,
 }
 
 /// Why a dialect could not be set up or could not render an event.
@@ -168,12 +192,21 @@ impl Dialects {
         }
     }
 
-    /// Renders one CRM event in `dialect` and `format`.
+    /// Renders one CRM event in `dialect` and `format`, with the dialect's defaults.
     pub fn render_crm(&self, dialect: &str, format: Format, ev: &CrmEvent) -> Result<Rendered, RenderError> {
+        self.render(dialect, format, BodyTimestamp::Always, ev)
+    }
+
+    /// Renders one CRM event for `sub`: its dialect and format, and its `body_timestamp`.
+    pub fn render_for(&self, sub: &Subscription, ev: &CrmEvent) -> Result<Rendered, RenderError> {
+        self.render(&sub.dialect, sub.format, sub.body_timestamp.unwrap_or_default(), ev)
+    }
+
+    fn render(&self, dialect: &str, format: Format, stamp: BodyTimestamp, ev: &CrmEvent) -> Result<Rendered, RenderError> {
         self.check(dialect, format)?;
         let event_name = self.event_name(dialect, &ev.event_type);
         match (Builtin::from_name(dialect), self.custom.get(dialect)) {
-            (Some(builtin), _) => builtin.render(format, ev, event_name),
+            (Some(builtin), _) => builtin.render(format, ev, event_name, stamp),
             (None, Some(custom)) => custom.render(ev, event_name),
             (None, None) => Err(RenderError::UnknownDialect(dialect.to_string())),
         }
@@ -186,6 +219,12 @@ impl Dialects {
             (None, Some(custom)) => custom.success_rule(),
             (None, None) => SuccessRule::default(),
         }
+    }
+
+    /// What counts as success for `sub`: its own `success` when set, else its dialect's rule
+    /// (so a chat subscription can ask for TimelinesAI's "any non-200 is an error").
+    pub fn success_rule_of(&self, sub: &Subscription) -> SuccessRule {
+        sub.success.unwrap_or_else(|| self.success_rule(&sub.dialect))
     }
 
     /// Wire name of `producer_type` in `dialect`; names without a mapping pass through unchanged.
@@ -247,6 +286,14 @@ mod tests {
         for name in ["antcrm", "beeiq", "doopage", "standard", "timelines", "nope"] {
             assert_eq!(d.success_rule(name), SuccessRule::Any2xx, "{name}");
         }
+        let sub = |json: &str| serde_json::from_str::<Subscription>(json).unwrap();
+        let chat = sub(r#"{"id":"c","tenant":"t","url":"http://x/","source":"chat","dialect":"timelines"}"#);
+        assert_eq!(d.success_rule_of(&chat), SuccessRule::Any2xx, "the dialect's rule by default");
+        let strict = Subscription { success: Some(SuccessRule::Exactly200), ..chat.clone() };
+        assert_eq!(d.success_rule_of(&strict), SuccessRule::Exactly200, "TimelinesAI: any non-200 is an error");
+        let teamcrop = sub(r#"{"id":"tc","tenant":"t","url":"http://x/","dialect":"teamcrop","success":"2xx"}"#);
+        assert_eq!(d.success_rule_of(&teamcrop), SuccessRule::Any2xx, "the subscription's own rule wins");
+        assert_eq!((SuccessRule::Exactly200.to_string(), SuccessRule::Any2xx.to_string()), ("\"200\"".into(), "\"2xx\"".into()));
     }
 
     #[test]

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::deliver::backoff::{retry_delay, RetryAfterBounds};
+use crate::render::{BodyTimestamp, SuccessRule};
+
 /// Which input stream a subscription listens to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -110,15 +113,36 @@ pub struct RetryPolicy {
     pub delays_secs: Vec<u64>,
     /// Total sends, the first included. Default 12.
     pub max_attempts: u32,
+    /// How far each wait may randomly deviate from the schedule, in percent either way
+    /// (0..=100). Default 20: a wait of 60 s is one of 48-72 s, so endpoints that failed
+    /// together are not all retried at once. 0: the schedule exactly (Teamcrop's 1, 2, 4, 8 ...
+    /// minutes to the second).
+    #[serde(skip_serializing_if = "is_default_jitter")]
+    pub jitter_percent: u32,
+}
+
+/// Default of [`RetryPolicy::jitter_percent`].
+pub const DEFAULT_JITTER_PERCENT: u32 = 20;
+
+fn is_default_jitter(percent: &u32) -> bool {
+    *percent == DEFAULT_JITTER_PERCENT
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { delays_secs: vec![60], max_attempts: 12 }
+        Self { delays_secs: vec![60], max_attempts: 12, jitter_percent: DEFAULT_JITTER_PERCENT }
     }
 }
 
 impl RetryPolicy {
+    /// The wait before send number `next_attempt`: [`Self::base_delay`] with this policy's
+    /// jitter (`jitter` a uniform sample in `[0, 1)`), or the endpoint's `Retry-After` within
+    /// `bounds` when longer (see `deliver::backoff`).
+    pub fn delay(&self, next_attempt: u32, retry_after: Option<Duration>, jitter: f64, bounds: RetryAfterBounds) -> Duration {
+        let spread = f64::from(self.jitter_percent.min(100)) / 100.0;
+        retry_delay(self.base_delay(next_attempt), retry_after, jitter, spread, bounds)
+    }
+
     /// Base wait (before jitter) before send number `next_attempt` (2 = first retry).
     pub fn base_delay(&self, next_attempt: u32) -> Duration {
         let idx = next_attempt.saturating_sub(2) as usize;
@@ -178,6 +202,15 @@ pub struct Subscription {
     /// Auto-disable after more than this many consecutive failed requests.
     #[serde(default = "default_disable_after")]
     pub disable_after_failures: u32,
+    /// Which HTTP statuses count as delivered, overriding the dialect's rule: `"200"` (only
+    /// 200, as TimelinesAI and Teamcrop have it) or `"2xx"`. Default: the dialect's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success: Option<SuccessRule>,
+    /// doopage only: whether bodies carry `timestamp`: `"always"` (default), `"as_samples"`
+    /// (not in `tag_set`, `tag_unset`, `note_changed`, `customer_pipeline_updated`, as the
+    /// seed's samples) or `"never"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_timestamp: Option<BodyTimestamp>,
     /// Requests per second to this endpoint; default `delivery.per_subscription_rate_per_sec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_sec: Option<u32>,
@@ -224,6 +257,12 @@ impl Subscription {
         }
         if self.retry.max_attempts == 0 {
             return Err(ctx("`retry.max_attempts` must be at least 1".into()));
+        }
+        if self.body_timestamp.is_some() && self.dialect != "doopage" {
+            return Err(ctx(format!("`body_timestamp` applies to `dialect = \"doopage\"` only, not `{}`", self.dialect)));
+        }
+        if self.retry.jitter_percent > 100 {
+            return Err(ctx(format!("`retry.jitter_percent` must be 0..=100, not {}", self.retry.jitter_percent)));
         }
         if self.source == Source::Crm && self.aggregation != Aggregation::None {
             return Err(ctx("`aggregation` applies to `source = \"chat\"` only".into()));
@@ -287,7 +326,8 @@ mod tests {
         let d = sub(r#"{"id":"s","tenant":"t","url":"http://x/"}"#);
         assert_eq!(d.events, vec!["*"]);
         assert!(d.enabled && d.wants("anything.at_all"));
-        assert_eq!(d.retry, RetryPolicy { delays_secs: vec![60], max_attempts: 12 });
+        assert_eq!(d.retry, RetryPolicy { delays_secs: vec![60], max_attempts: 12, jitter_percent: 20 });
+        assert_eq!(d.success, None, "the dialect decides");
         assert_eq!(d.disable_after_failures, 10);
         assert_eq!(d.dialect, "standard");
     }
@@ -332,9 +372,42 @@ mod tests {
         let teamcrop = RetryPolicy::default();
         let secs: Vec<u64> = (2..=6).map(|a| teamcrop.base_delay(a).as_secs()).collect();
         assert_eq!(secs, vec![60, 120, 240, 480, 960]);
-        let listed = RetryPolicy { delays_secs: vec![5, 7], max_attempts: 5 };
+        let listed = RetryPolicy { delays_secs: vec![5, 7], max_attempts: 5, jitter_percent: 20 };
         let secs: Vec<u64> = (2..=5).map(|a| listed.base_delay(a).as_secs()).collect();
         assert_eq!(secs, vec![5, 7, 14, 28]);
         assert_eq!(teamcrop.base_delay(200).as_secs(), 7 * 24 * 3600, "capped at a week");
+    }
+
+    /// Teamcrop: "1, 2, 4, 8 ... minutes", 12 sends. With `jitter_percent = 0` the waits are
+    /// exactly that, whatever the random sample; by default each is within 20 % of it.
+    #[test]
+    fn zero_jitter_gives_teamcrop_schedule_exactly() {
+        let bounds = RetryAfterBounds::default();
+        let exact: RetryPolicy = serde_json::from_str(r#"{"jitter_percent": 0}"#).unwrap();
+        let minutes: Vec<u64> = (1..=11).map(|k| 1 << (k - 1)).collect();
+        assert_eq!(minutes, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]);
+        for sample in [0.0, 0.25, 0.5, 0.999_999] {
+            let waits: Vec<Duration> = (2..=exact.max_attempts).map(|next| exact.delay(next, None, sample, bounds)).collect();
+            assert_eq!(waits, minutes.iter().map(|m| Duration::from_secs(m * 60)).collect::<Vec<_>>(), "sample {sample}");
+        }
+        let jittered = RetryPolicy::default();
+        assert_eq!(jittered.delay(2, None, 0.0, bounds), Duration::from_secs(48));
+        assert_eq!(jittered.delay(3, None, 0.5, bounds), Duration::from_secs(120));
+        assert_eq!(exact.delay(2, Some(Duration::from_secs(300)), 0.9, bounds), Duration::from_secs(300), "Retry-After still honoured");
+        let wide = RetryPolicy { jitter_percent: 100, ..RetryPolicy::default() };
+        assert_eq!(wide.delay(2, None, 0.75, bounds), Duration::from_secs(90));
+        assert!(serde_json::to_value(&jittered).unwrap().get("jitter_percent").is_none(), "the default is not written out");
+        assert_eq!(serde_json::to_value(&exact).unwrap()["jitter_percent"], 0);
+        let over = sub(r#"{"id":"s","tenant":"t","url":"http://x/","retry":{"jitter_percent":101}}"#);
+        assert!(over.validate().unwrap_err().contains("`retry.jitter_percent` must be 0..=100"));
+    }
+
+    #[test]
+    fn success_rule_can_be_set_per_subscription() {
+        let strict = sub(r#"{"id":"s","tenant":"t","url":"http://x/","source":"chat","success":"200"}"#);
+        assert_eq!(strict.success, Some(SuccessRule::Exactly200));
+        assert_eq!(serde_json::to_value(&strict).unwrap()["success"], "200");
+        assert_eq!(sub(r#"{"id":"s","tenant":"t","url":"http://x/","success":"2xx"}"#).success, Some(SuccessRule::Any2xx));
+        assert!(serde_json::from_str::<Subscription>(r#"{"id":"s","tenant":"t","url":"http://x/","success":"201"}"#).is_err());
     }
 }
