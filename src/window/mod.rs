@@ -4,8 +4,10 @@
 //! `24h`, or any such as `10s`) are not delivered one by one: all messages of one chat for one
 //! subscription within one window become one bundle, delivered as one webhook.
 //!
-//! - **Which window**: the message's own timestamp picks it (`start = floor(ts / size) * size`,
-//!   `end = start + size`), so replaying the same input rebuilds the same bundles.
+//! - **Which window**: the message's own timestamp picks it ([`calendar::Windows`]: in UTC
+//!   `start = floor(ts / size) * size`, `end = start + size`; with a subscription `timezone`,
+//!   aligned to local midnight, so a day is 23 h or 25 h when the clocks change), so
+//!   replaying the same input rebuilds the same bundles.
 //! - **When it closes**: the wall clock ([`clock::Clock`]) closes it at `end + grace`, so a
 //!   chat that goes quiet still flushes. A close timer asks [`store::WindowStore::due`],
 //!   loads each bundle with [`store::WindowStore::begin_emit`], renders it ([`emit`]: in
@@ -29,6 +31,7 @@
 //! [`store::WindowStore::drop_partition`] and the new owner rebuilds those bundles by replay. A bundle whose emission had begun when
 //! the process stopped is due again after a restart: a duplicate, never a loss.
 //!
+//! - [`calendar`]: window boundaries on a subscription's clock (length and time zone).
 //! - [`clock`]: the wall clock, and a manual one for tests.
 //! - [`emit`]: a closed bundle rendered as its parts, with content-derived `webhook-id`s.
 //! - [`stage`]: the Kafka side: routing chat messages, batched writes, emission, positions.
