@@ -13,6 +13,7 @@
 //! queue is full has further records deferred to the retry store instead of waiting.
 
 pub mod backoff;
+mod dispatch;
 pub mod http;
 pub mod lifecycle;
 pub mod park;

@@ -17,6 +17,7 @@
 //! delivery record Kafka refuses for good (too large, ...: stage `produce`, the source
 //! record as the value), so no single record can stop a partition.
 
+pub mod bundles;
 pub mod chat;
 pub mod event;
 
@@ -32,9 +33,9 @@ use crate::kafka::offsets::{OffsetTracker, Tp};
 use crate::kafka::stage::{self, Io, Step};
 use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, SourceRef, TrackedConsumer};
 use crate::route::subscription::Source;
-use crate::window::stage::{ChatStage, Emission};
 use crate::window::store::{BundleKey, WindowStore};
 use crate::{Error, Shared};
+use bundles::{ChatStage, Emission};
 use event::CrmEvent;
 
 /// What one input record turned into; settled by a task, then its offset is finished.
@@ -212,7 +213,7 @@ impl Ingest {
             let work = process_crm(&self.shared, msg);
             return self.spawn_settle(work);
         }
-        let (work, parts) = crate::window::stage::process(&self.shared, &self.chat.store, msg);
+        let (work, parts) = bundles::process(&self.shared, &self.chat.store, msg);
         if parts.is_empty() {
             return self.spawn_settle(work);
         }

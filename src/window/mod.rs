@@ -34,11 +34,11 @@
 //! - [`calendar`]: window boundaries on a subscription's clock (length and time zone).
 //! - [`clock`]: the wall clock, and a manual one for tests.
 //! - [`emit`]: a closed bundle rendered as its parts, with content-derived `webhook-id`s.
-//! - [`stage`]: the Kafka side: routing chat messages, batched writes, emission, positions.
+//! - The Kafka side (routing chat messages, batched writes, emission, positions) is ingest's:
+//!   [`crate::ingest::bundles`].
 //! - [`store`]: the sled-backed window store.
 
 pub mod calendar;
 pub mod clock;
 pub mod emit;
-pub mod stage;
 pub mod store;

@@ -1,23 +1,23 @@
 //! `ingest-core`: the messages of `ingest` fed to hookd's chat pipeline in this process,
 //! without a broker, so the daemon's own cost per message is visible.
 //!
-//! `hookd::window::stage::process` takes an rdkafka `BorrowedMessage`, which only a consumer
+//! `hookd::ingest::bundles::process` takes an rdkafka `BorrowedMessage`, which only a consumer
 //! can make, so this module repeats its steps for aggregating subscriptions with the same
 //! public pieces, in the same order: `ChatMessage::decode`, the attachment check, the
 //! registry lookup (`Registry::index` + `Index::matching` per message), the window store's
 //! checkpoint read per message, the bundle parts (`stage::Parts`, the daemon's own), then
 //! `stage::apply_parts` per `chat.max_batch` messages and the gauge read after it, and, every
 //! `chat.close_interval_ms`, the due-index scan and a sled flush (the close tick). Input
-//! generation is outside the timed part. Keep it in step with `window/stage.rs`.
+//! generation is outside the timed part. Keep it in step with `ingest/bundles.rs`.
 
 use std::time::{Duration, Instant};
 
+use hookd::ingest::bundles::{apply_parts, Parts, Pending};
 use hookd::ingest::chat::ChatMessage;
 use hookd::route::subscription::Source;
 use hookd::route::Registry;
 use hookd::state::StateDb;
 use hookd::window::calendar::Windows;
-use hookd::window::stage::{apply_parts, Parts, Pending};
 use hookd::window::store::WindowStore;
 
 use crate::report::{Row, Target};
@@ -124,7 +124,7 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
     Ok(phases)
 }
 
-/// What `window::stage::process` does for one record, for aggregating subscriptions.
+/// What `ingest::bundles::process` does for one record, for aggregating subscriptions.
 fn route_one(
     registry: &Registry,
     store: &WindowStore,

@@ -1,5 +1,7 @@
-//! The Kafka side of chat bundling: routing `chat.messages`, batched window writes, the
-//! close timer, and the offsets of chat partitions.
+//! The chat half of ingest: routing `chat.messages` (pass-through deliveries and bundle
+//! parts), batched window writes, the close timer and emission, and the offsets of chat
+//! partitions. `window` turns bundle parts into bundles and bundles into emissions; this
+//! module is where they meet Kafka.
 //!
 //! A chat message is finished for offset purposes when its pass-through deliveries are
 //! acknowledged and its aggregated part is applied to the window store. The position stored
@@ -18,17 +20,17 @@ use std::sync::Arc;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::calendar::Windows;
-use super::clock::Clock;
-use super::emit::{self, EmitError, Limits, Piece};
-use super::store::{Bundle, BundleKey, Incoming, WindowStore};
+use super::chat::ChatMessage;
+use super::Work;
 use crate::deliver::record::{webhook_id, DeliveryRecord};
-use crate::ingest::chat::ChatMessage;
-use crate::ingest::Work;
 use crate::kafka::offsets::{OffsetTracker, Tp};
 use crate::kafka::{dead_letter, produce_until_acked, DeadLetter, ProduceError, SourceRef};
 use crate::render::timelines::{self, Summary};
 use crate::route::subscription::Source;
+use crate::window::calendar::Windows;
+use crate::window::clock::Clock;
+use crate::window::emit::{self, EmitError, Limits, Piece};
+use crate::window::store::{Bundle, BundleKey, Incoming, WindowStore};
 use crate::Shared;
 
 /// Request header naming a bundle part and the number of parts, `2/3`: receivers that want
