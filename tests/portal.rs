@@ -59,7 +59,7 @@ async fn a_link_shows_only_its_tenant_and_expired_or_tampered_links_get_401() {
     assert!(page.body.contains(r#"<meta name="viewport" content="width=device-width, initial-scale=1">"#));
     let csp = page.headers["content-security-policy"].to_str().unwrap();
     assert!(csp.contains("frame-ancestors 'none'") && !csp.contains("script-src"), "{csp}");
-    assert_eq!(page.headers["referrer-policy"], "no-referrer");
+    assert_eq!(page.headers["referrer-policy"], "same-origin");
 
     let token = link.strip_prefix("/portal/").unwrap();
     let now = chrono::Utc::now().timestamp();

@@ -150,6 +150,7 @@ fn card(p: &Portal, frame: &Frame, s: &Subscription) -> Result<Card, PortalError
     let mut view = view(&p.shared, s);
     view.last_error_at = page::when_rfc3339(&view.last_error_at);
     view.last_success_at = page::when_rfc3339(&view.last_success_at);
+    view.aggregation = page::aggregation(s.aggregation);
     let activity = p.shared.endpoints.activity(&s.id)?.iter().map(ActivityRow::from).collect();
     Ok(Card { reason: page::reason(&view), view, activity, links: p.links(frame, &s.id) })
 }

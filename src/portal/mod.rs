@@ -17,7 +17,9 @@
 //!   and come from the portal's own origin ([`guard`]); otherwise 403 and nothing changes.
 //!   GETs change nothing.
 //! - Everything shown is HTML-escaped (auto-escaping of every template, [`page`]), and the
-//!   pages forbid scripts, framing and referrers (Content-Security-Policy, Referrer-Policy).
+//!   pages forbid scripts and framing (Content-Security-Policy) and send no referrer (which
+//!   holds the link) to any other origin (`Referrer-Policy: same-origin`; `no-referrer` would
+//!   make browsers send `Origin: null` with the forms, which the origin check refuses).
 //!
 //! Served only when `portal.secret` is set. Requests are counted in
 //! `hookd_portal_requests_total{outcome}`; refusals and failures are logged.
@@ -94,7 +96,7 @@ async fn harden(State(p): State<Arc<Portal>>, req: Request, next: Next) -> Respo
     let h = resp.headers_mut();
     let csp = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     if !h.contains_key(header::CACHE_CONTROL) {

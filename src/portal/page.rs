@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::admin::api::SubscriptionView;
 use crate::endpoint::{clip_to, Activity, RequestLog};
+use crate::route::subscription::Aggregation;
 
 /// Request bodies longer than this are cut on the request log page (the JSON download has them whole).
 pub const BODY_SHOWN_BYTES: usize = 4096;
@@ -110,6 +111,24 @@ pub fn reason(view: &SubscriptionView) -> Option<String> {
     }
 }
 
+/// A subscription's aggregation as the customer chose it: `none`, `24h`, `30min`, `10s`.
+pub fn aggregation(a: Aggregation) -> String {
+    match a {
+        Aggregation::None => "none (each event at once)".into(),
+        Aggregation::Every(d) => {
+            let s = d.as_secs();
+            let every = if s % 3600 == 0 {
+                format!("{}h", s / 3600)
+            } else if s % 60 == 0 {
+                format!("{}min", s / 60)
+            } else {
+                format!("{s}s")
+            };
+            format!("one bundle per chat every {every}")
+        }
+    }
+}
+
 /// A millisecond timestamp as `2026-12-01 10:00:00 UTC`.
 pub fn when(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()).unwrap_or_default()
@@ -175,5 +194,15 @@ mod tests {
         let row = RequestRow::from(log);
         assert!(row.body_clipped && row.log.request_body.len() <= BODY_SHOWN_BYTES + 3);
         assert_eq!(row.at, "1970-01-01 00:00:00 UTC");
+    }
+
+    #[test]
+    fn aggregation_reads_as_chosen() {
+        let every = |s| aggregation(Aggregation::Every(std::time::Duration::from_secs(s)));
+        assert_eq!(
+            (every(86_400), every(1800), every(10)),
+            ("one bundle per chat every 24h".into(), "one bundle per chat every 30min".into(), "one bundle per chat every 10s".into())
+        );
+        assert!(aggregation(Aggregation::None).starts_with("none"));
     }
 }
