@@ -18,7 +18,8 @@ pub struct PortalConfig {
     pub link_expiry_secs: u64,
     /// The base URL customers reach hookd's `/portal/` under (the reverse proxy's), e.g.
     /// `https://hooks.example.com`. Links are built on it, and a form post must come from its
-    /// origin. Empty: `http://` and the `Host` of the request (the link call's, the post's).
+    /// origin. Empty: links on `http://` and the `Host` of the link call; posts accepted from
+    /// the `Host` of the post (http or https).
     pub public_url: String,
 }
 

@@ -5,7 +5,8 @@
 //!   can compute from the link, and
 //! - the browser says it comes from the portal itself: `Sec-Fetch-Site`, when sent, is
 //!   `same-origin` (or `none`, typed by the user), and `Origin`, when sent, is the portal's
-//!   (`portal.public_url`'s origin, else `http://` and the request's `Host`).
+//!   (`portal.public_url`'s origin, else the request's `Host` over http or https: a proxy
+//!   that ends TLS and keeps the `Host` needs no setting).
 //!
 //! The portal sets no cookie, so a forged request from another site carries nothing the
 //! browser adds on its own; the link's token in the path is the only credential.
@@ -72,7 +73,8 @@ fn same_origin(headers: &HeaderMap, public_origin: Option<&str>) -> Result<(), F
         Some(o) => o.eq_ignore_ascii_case(&origin),
         None => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-            host.is_some_and(|h| origin.strip_prefix("http://").is_some_and(|a| a.eq_ignore_ascii_case(h)))
+            let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+            host.is_some_and(|h| authority.is_some_and(|a| a.eq_ignore_ascii_case(h)))
         }
     };
     if ours {
@@ -107,6 +109,8 @@ mod tests {
         let same = headers(&[("host", "127.0.0.1:9464"), ("origin", "http://127.0.0.1:9464"), ("sec-fetch-site", "same-origin")]);
         assert_eq!(check(KEY, &token, None, &same, &ok), Ok(()));
         assert_eq!(check(KEY, &token, None, &HeaderMap::new(), &ok), Ok(()), "a client that sends neither header");
+        let tls_proxy = headers(&[("host", "hooks.example.com"), ("origin", "https://hooks.example.com")]);
+        assert_eq!(check(KEY, &token, None, &tls_proxy, &ok), Ok(()));
         let proxied = headers(&[("host", "10.0.0.5:9464"), ("origin", "https://Hooks.Example.com")]);
         assert_eq!(check(KEY, &token, Some("https://hooks.example.com"), &proxied, &ok), Ok(()));
     }
@@ -125,6 +129,8 @@ mod tests {
         assert_eq!(check(KEY, &token, None, &cross, &ok), Err(Forgery::CrossSite("cross-site".into())));
         let sibling = headers(&[("sec-fetch-site", "same-site")]);
         assert!(matches!(check(KEY, &token, None, &sibling, &ok), Err(Forgery::CrossSite(_))));
+        let port = headers(&[("host", "127.0.0.1:9464"), ("origin", "http://127.0.0.1:8080")]);
+        assert!(matches!(check(KEY, &token, None, &port, &ok), Err(Forgery::CrossOrigin(_))), "another port is another origin");
         let evil = headers(&[("host", "127.0.0.1:9464"), ("origin", "http://evil.example")]);
         assert_eq!(check(KEY, &token, None, &evil, &ok), Err(Forgery::CrossOrigin("http://evil.example".into())));
         let null = headers(&[("host", "127.0.0.1:9464"), ("origin", "null")]);
