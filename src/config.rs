@@ -37,6 +37,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub shutdown: ShutdownConfig,
     pub chat: ChatConfig,
+    /// The customer portal, `[portal]` ([`crate::portal`]).
+    pub portal: crate::portal::PortalConfig,
     /// Custom dialects, `[dialect.<name>]`, defined without a rebuild.
     pub dialect: BTreeMap<String, DialectConfig>,
     /// Static subscriptions, `[[subscription]]`; the subscriptions topic adds to them.
@@ -393,6 +395,7 @@ impl Config {
             ));
         }
         crate::kafka::limits::validate(self).map_err(invalid)?;
+        self.portal.validate().map_err(invalid)?;
         let dialects = Dialects::new(&self.dialect).map_err(|e| invalid(format!("dialect: {e}")))?;
         if self.chat.max_batch == 0 || self.chat.close_interval_ms == 0 || self.chat.batch_interval_ms == 0 {
             return Err(invalid("chat.max_batch, close_interval_ms and batch_interval_ms must be at least 1".into()));

@@ -18,6 +18,7 @@
 //! - [`state`]: the sled database and the per-partition protocol of the stores in it.
 //! - [`kafka`]: client settings, topic creation, size limits, acknowledged produce (with
 //!   permanent refusals told from transient failures), dead letters.
+//! - [`portal`]: the customer portal, each tenant's page of its webhooks under `/portal/`.
 //! - [`demo`]: `hookd demo`, the whole job on an embedded broker.
 //!
 //! [`run`] takes the shutdown signal as a parameter, so tests supply their own.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod endpoint;
 pub mod ingest;
 pub mod kafka;
+pub mod portal;
 pub mod render;
 pub mod route;
 pub mod shutdown;

@@ -45,7 +45,7 @@ async fn every_documented_example_answers_as_documented() {
     let (mock, brokers) = mock_broker();
     let rx = Receiver::start().await;
     let state = tempfile::tempdir().unwrap();
-    let subs = format!("[[subscription]]\nid = \"sub_1\"\ntenant = \"t\"\nurl = \"{}\"\n", rx.url("/sub_1"));
+    let subs = format!("[[subscription]]\nid = \"sub_1\"\ntenant = \"t\"\nurl = \"{}\"\n{}", rx.url("/sub_1"), common::portal::SECTION);
     let mut cfg = config(&brokers, state.path(), &subs);
     cfg.admin.produce_timeout_ms = 1000;
     let token = cfg.admin.token.clone();

@@ -287,7 +287,9 @@ async fn replay_resends_failed_deliveries_and_the_api_checks_token_and_input() {
     assert_eq!(list[0]["id"], "r");
     let (s, doc, _) = api.call("GET", "/openapi.json", None, None).await;
     assert_eq!(s, 200);
-    for path in ["/api/subscriptions", "/api/subscriptions/{id}/replay", "/api/subscriptions/{id}/requests"] {
+    for path in
+        ["/api/subscriptions", "/api/subscriptions/{id}/replay", "/api/subscriptions/{id}/requests", "/api/tenants/{tenant}/portal-link"]
+    {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
     for action in ["enable", "disable", "replay"] {

@@ -31,7 +31,24 @@ pub struct ApiError {
     pub error: String,
 }
 
+#[derive(Debug)]
 pub struct Failure(pub(super) StatusCode, pub(super) String);
+
+impl Failure {
+    pub(crate) fn new(status: StatusCode, message: String) -> Self {
+        Self(status, message)
+    }
+
+    /// The HTTP status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+
+    /// What went wrong, as the answer says it.
+    pub fn message(&self) -> &str {
+        &self.1
+    }
+}
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -89,6 +106,8 @@ pub struct SubscriptionView {
     pub source: String,
     pub dialect: String,
     pub events: Vec<String>,
+    /// `none`, or the window of a chat bundle (`1h`, `24h`, ...).
+    pub aggregation: String,
     /// `active`, `unverified` (verification handshake pending or failed) or `disabled`.
     pub state: String,
     pub enabled: bool,
@@ -109,7 +128,7 @@ fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339()).unwrap_or_default()
 }
 
-pub(super) fn view(shared: &Shared, s: &Subscription) -> SubscriptionView {
+pub(crate) fn view(shared: &Shared, s: &Subscription) -> SubscriptionView {
     let st = shared.endpoints.state(&s.id).unwrap_or_default();
     let state = match lifecycle::gate(shared, s) {
         None => "active",
@@ -123,6 +142,7 @@ pub(super) fn view(shared: &Shared, s: &Subscription) -> SubscriptionView {
         source: format!("{:?}", s.source).to_lowercase(),
         dialect: s.dialect.clone(),
         events: s.events.clone(),
+        aggregation: serde_json::to_value(s.aggregation).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
         state: state.into(),
         enabled: s.enabled,
         disabled_reason: s.disabled_reason.clone(),
@@ -178,16 +198,23 @@ fn with_time<T: Serialize>(item: &T, at_ms: i64) -> serde_json::Value {
 /// The 100 latest requests with request and response details, as one downloadable JSON file.
 #[utoipa::path(get, path = "/api/subscriptions/{id}/requests", params(("id" = String, Path)), responses((status = 200, description = "JSON file: state, activity and requests", body = Object), (status = 404, body = ApiError)), security(("bearer" = [])))]
 async fn requests(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, Failure> {
-    find(&s, &id)?;
-    let state = s.endpoints.state(&id).map_err(internal)?;
-    let activity = s.endpoints.activity(&id).map_err(internal)?;
-    let requests = s.endpoints.requests(&id).map_err(internal)?;
-    let body = crate::endpoint::export_json(&id, &state, &activity, &requests);
+    let (disposition, body) = requests_file(&s, &id)?;
+    Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response())
+}
+
+/// The request log download of `id`: its `Content-Disposition` and the JSON document (state,
+/// activity and requests; [`crate::endpoint::export_json`]). Shared with the customer portal.
+pub(crate) fn requests_file(s: &Shared, id: &str) -> Result<(String, Vec<u8>), Failure> {
+    find(s, id)?;
+    let state = s.endpoints.state(id).map_err(internal)?;
+    let activity = s.endpoints.activity(id).map_err(internal)?;
+    let requests = s.endpoints.requests(id).map_err(internal)?;
+    let body = crate::endpoint::export_json(id, &state, &activity, &requests);
     let disposition = format!(
         "attachment; filename=\"hookd-{}-requests.json\"",
         id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_', "_")
     );
-    Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response())
+    Ok((disposition, body))
 }
 
 /// Answer of enable, disable and replay.
@@ -204,12 +231,18 @@ pub struct Done {
 /// enabled subscription only resets the count.
 #[utoipa::path(post, path = "/api/subscriptions/{id}/enable", params(("id" = String, Path)), responses((status = 200, body = Done), (status = 404, body = ApiError), (status = 503, description = "Kafka did not acknowledge within `admin.produce_timeout_ms`; nothing changed", body = ApiError)), security(("bearer" = [])))]
 async fn enable(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<Done>, Failure> {
-    find(&s, &id)?;
-    let (shared, sub) = (s.clone(), id.clone());
-    detached(&s, "enable", async move { lifecycle::enable(&shared, &sub, Via::Admin).await.map_err(|e| not_written("enable", &sub, e)) })
+    enable_subscription(&s, &id).await.map(Json)
+}
+
+/// Enables `id` through Kafka ([`lifecycle::enable`], in a task of its own). Shared by the
+/// admin API and the customer portal.
+pub(crate) async fn enable_subscription(s: &Arc<Shared>, id: &str) -> Result<Done, Failure> {
+    find(s, id)?;
+    let (shared, sub) = (s.clone(), id.to_string());
+    detached(s, "enable", async move { lifecycle::enable(&shared, &sub, Via::Admin).await.map_err(|e| not_written("enable", &sub, e)) })
         .await?;
-    let now = find(&s, &id)?;
-    Ok(Json(Done { subscription: id.clone(), state: view(&s, &now).state, replayed: None }))
+    let now = find(s, id)?;
+    Ok(Done { subscription: id.to_string(), state: view(s, &now).state, replayed: None })
 }
 
 /// Body of disable.
@@ -227,13 +260,20 @@ async fn disable(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: axu
     find(&s, &id)?;
     let req: DisableRequest = if body.is_empty() { DisableRequest::default() } else { parse(&body)? };
     let reason = req.reason.unwrap_or_else(|| "disabled by an operator".into());
-    let (shared, sub) = (s.clone(), id.clone());
-    detached(&s, "disable", async move {
+    disable_subscription(&s, &id, reason).await.map(Json)
+}
+
+/// Disables `id` through Kafka with `reason` ([`lifecycle::disable`], cause `operator`, in a
+/// task of its own). Shared by the admin API and the customer portal.
+pub(crate) async fn disable_subscription(s: &Arc<Shared>, id: &str, reason: String) -> Result<Done, Failure> {
+    find(s, id)?;
+    let (shared, sub) = (s.clone(), id.to_string());
+    detached(s, "disable", async move {
         lifecycle::disable(&shared, &sub, &reason, DisableCause::Operator, Via::Admin).await.map_err(|e| not_written("disable", &sub, e))
     })
     .await?;
-    let now = find(&s, &id)?;
-    Ok(Json(Done { subscription: id.clone(), state: view(&s, &now).state, replayed: None }))
+    let now = find(s, id)?;
+    Ok(Done { subscription: id.to_string(), state: view(s, &now).state, replayed: None })
 }
 
 pub(super) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
@@ -242,9 +282,9 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Fa
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "hookd admin API", description = "Subscriptions, their state and logs, enable, disable, replay."),
-    paths(list, get_one, activity, requests, enable, disable, replay::replay),
-    components(schemas(SubscriptionView, ApiError, Done, DisableRequest, ReplayRequest)),
+    info(title = "hookd admin API", description = "Subscriptions, their state and logs, enable, disable, replay; links to the customer portal."),
+    paths(list, get_one, activity, requests, enable, disable, replay::replay, crate::portal::issue::portal_link),
+    components(schemas(SubscriptionView, ApiError, Done, DisableRequest, ReplayRequest, crate::portal::issue::PortalLink)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -294,6 +334,7 @@ pub fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/api/subscriptions/{id}/enable", post(enable))
         .route("/api/subscriptions/{id}/disable", post(disable))
         .route("/api/subscriptions/{id}/replay", post(replay::replay))
+        .route("/api/tenants/{tenant}/portal-link", post(crate::portal::issue::portal_link))
         .route_layer(middleware::from_fn_with_state(shared, auth));
     api.route("/openapi.json", get(openapi))
 }

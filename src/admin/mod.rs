@@ -2,10 +2,11 @@
 //!
 //! `/metrics` (Prometheus text), `/healthz` (the process answers), `/readyz` (the
 //! subscriptions are loaded and both consumers run) and `/openapi.json` are open; the admin
-//! API under `/api/` ([`api`]) requires the bearer `admin.token`.
+//! API under `/api/` ([`api`]) requires the bearer `admin.token`. The customer portal
+//! ([`crate::portal`]) is served under `/portal/` when `portal.secret` is set.
 
 pub mod api;
-mod replay;
+pub(crate) mod replay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +41,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(crate::portal::routes(shared.clone()))
         .with_state(shared)
 }
 

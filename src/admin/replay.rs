@@ -42,21 +42,27 @@ struct Item {
 /// Resend one delivery, or every failed delivery since a time. Sends start at attempt 1.
 #[utoipa::path(post, path = "/api/subscriptions/{id}/replay", params(("id" = String, Path)), request_body = ReplayRequest, responses((status = 200, body = Done), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 503, description = "Kafka did not acknowledge within `admin.produce_timeout_ms`; the failed deliveries not acknowledged are still kept", body = ApiError)), security(("bearer" = [])))]
 pub async fn replay(State(s): State<Arc<Shared>>, Path(id): Path<String>, body: axum::body::Bytes) -> Result<Json<Done>, Failure> {
-    let sub = find(&s, &id)?;
+    find(&s, &id)?;
     let req: ReplayRequest = parse(&body)?;
+    replay_subscription(&s, &id, req).await.map(Json)
+}
+
+/// Replays what `req` names for `id`. Shared by the admin API and the customer portal.
+pub(crate) async fn replay_subscription(s: &Arc<Shared>, id: &str, req: ReplayRequest) -> Result<Done, Failure> {
+    let sub = find(s, id)?;
     let items = match (req.delivery_id, req.since) {
-        (Some(d), None) => vec![one(&s, &sub, &d)?],
+        (Some(d), None) => vec![one(s, &sub, &d)?],
         (None, Some(since)) => {
             let t = chrono::DateTime::parse_from_rfc3339(&since)
                 .map_err(|e| Failure(StatusCode::BAD_REQUEST, format!("`since` is not an RFC 3339 time: {e}")))?;
-            let failed = s.endpoints.failed_since(&id, t.timestamp_millis()).map_err(internal)?;
+            let failed = s.endpoints.failed_since(id, t.timestamp_millis()).map_err(internal)?;
             failed.into_iter().map(|(_, at, bytes)| kept(at, bytes)).collect::<Result<_, _>>()?
         }
         _ => return Err(Failure(StatusCode::BAD_REQUEST, "give exactly one of `delivery_id` and `since`".into())),
     };
     let (shared, target) = (s.clone(), sub.clone());
-    let replayed = detached(&s, "replay", async move { resend(&shared, &target, items).await }).await?;
-    Ok(Json(Done { subscription: id.clone(), state: view(&s, &sub).state, replayed: Some(replayed) }))
+    let replayed = detached(s, "replay", async move { resend(&shared, &target, items).await }).await?;
+    Ok(Done { subscription: id.to_string(), state: view(s, &sub).state, replayed: Some(replayed) })
 }
 
 fn kept(at_ms: i64, bytes: Vec<u8>) -> Result<Item, Failure> {

@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 
 pub use logs::{ACTIVITY_KEPT, FAILED_KEPT, REQUESTS_KEPT};
 pub use redact::{redact_headers, redact_text, redact_url};
-pub use state::EndpointStore;
+pub use state::{clip_to, EndpointStore};
 
 /// What hookd knows about a subscription's endpoint; the default when nothing was recorded.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

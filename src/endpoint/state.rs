@@ -209,10 +209,15 @@ pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Option<T>
 }
 
 pub(super) fn clip(s: &str) -> String {
-    if s.len() <= MAX_ERROR_BYTES {
+    clip_to(s, MAX_ERROR_BYTES)
+}
+
+/// `s` cut to at most `max` bytes at a character boundary, with `…` when cut.
+pub fn clip_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut end = MAX_ERROR_BYTES;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

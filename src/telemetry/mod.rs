@@ -77,6 +77,9 @@ pub struct Metrics {
     /// Admin API requests by `outcome` (ok, unauthorized, bad_request, not_found,
     /// unavailable: Kafka did not acknowledge in time, error).
     pub admin_requests: IntCounterVec,
+    /// Customer portal requests by `outcome` (ok, unauthorized: expired or tampered link,
+    /// forbidden: CSRF or origin check failed, not_found, bad_request, unavailable, error).
+    pub portal_requests: IntCounterVec,
     /// Kafka client errors a stage logged and rode out, by `stage` (ingest, sender,
     /// subscriptions; `close`: a consumer close that failed or did not finish within
     /// 10 s at shutdown); each is also a log line.
@@ -133,6 +136,7 @@ impl Metrics {
             notifications: counter(&r, "hookd_notifications_total", "Notices for hookd.notifications, by outcome", &["outcome"]),
             publish_failures: counter(&r, "hookd_publish_failures_total", "Lifecycle and admin records Kafka did not take", &["via"]),
             admin_requests: counter(&r, "hookd_admin_requests_total", "Admin API requests", &["outcome"]),
+            portal_requests: counter(&r, "hookd_portal_requests_total", "Customer portal requests", &["outcome"]),
             events_consumed: counter(&r, "hookd_events_consumed_total", "Input records read", &["source"]),
             deliveries_produced: counter(&r, "hookd_deliveries_produced_total", "Delivery records produced", &["source"]),
             events_unmatched: counter(&r, "hookd_events_unmatched_total", "Input records matching no subscription", &["source"]),
