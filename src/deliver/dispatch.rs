@@ -178,14 +178,15 @@ pub(super) async fn take_turn(state: &SubState, wait: Option<Duration>) -> Turn<
 pub(super) fn defer(ctx: &Arc<Ctx>, tasks: &TaskTracker, mut record: DeliveryRecord, origin: Origin, reason: &'static str) {
     let busy = reason == "busy";
     let wait_ms = if busy { 1_000 } else { 15_000 };
-    ctx.shared.metrics.deliveries_deferred.with_label_values(&[reason]).inc();
+    let due_ms = now_ms() + wait_ms;
+    ctx.shared.metrics.emit(crate::telemetry::events::Deferred { subscription: &record.subscription_id, reason, due_ms });
     match origin {
         Origin::Parked(parked) => {
-            let _ = ctx.done.send(Origin::PutOff { parked, due_ms: now_ms() + wait_ms, busy });
+            let _ = ctx.done.send(Origin::PutOff { parked, due_ms, busy });
         }
         Origin::PutOff { .. } => {}
         Origin::Live(..) => {
-            record.not_before_ms = now_ms() + wait_ms;
+            record.not_before_ms = due_ms;
             let ctx = ctx.clone();
             tasks.spawn(async move {
                 let s = &ctx.shared;

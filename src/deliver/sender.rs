@@ -19,6 +19,7 @@ use super::schedule::Schedule;
 use crate::kafka::offsets::{OffsetTracker, Tp};
 use crate::kafka::stage::{self, Step};
 use crate::kafka::{store_position, SourceRef, TrackedConsumer};
+use crate::telemetry::{StateError, StateOp, Store};
 use crate::{Error, Shared};
 
 use super::dispatch::{dispatch, now_ms, spawn_dead_letter, Ctx, Origin};
@@ -160,7 +161,13 @@ impl LoopState {
                             parked = n,
                             "Retry partition revoked; its parked deliveries are left to the new owner."
                         ),
-                        Err(error) => tracing::error!(%error, partition, "Dropping a revoked partition from the retry store failed."),
+                        Err(error) => ctx.shared.metrics.emit(StateError {
+                            store: Store::Retry,
+                            op: StateOp::Drop,
+                            error: &error,
+                            partition: Some(partition),
+                            then: "Dropping a revoked partition from the retry store failed.",
+                        }),
                     }
                 }
             }
@@ -201,7 +208,13 @@ impl LoopState {
             Ok(record) => {
                 if let Err(error) = ctx.park.park(source.partition, &[(source.offset, record)]) {
                     // Left pending: holds the settled and committed positions below it.
-                    tracing::error!(%error, "Parking a retry failed; it will be read again after restart.");
+                    ctx.shared.metrics.emit(StateError {
+                        store: Store::Retry,
+                        op: StateOp::Write,
+                        error: &error,
+                        partition: None,
+                        then: "Parking a retry failed; it will be read again after restart.",
+                    });
                     return;
                 }
                 self.tracker.finish(&tp, source.offset);
@@ -232,7 +245,13 @@ impl LoopState {
             Origin::Parked(p) => {
                 self.schedule.release(&p);
                 if let Err(error) = ctx.park.remove(&p) {
-                    tracing::error!(%error, "Removing a finished delivery from the retry store failed.");
+                    ctx.shared.metrics.emit(StateError {
+                        store: Store::Retry,
+                        op: StateOp::Remove,
+                        error: &error,
+                        partition: None,
+                        then: "Removing a finished delivery from the retry store failed.",
+                    });
                 }
                 ctx.shared.metrics.retry_queue_depth.set(ctx.park.len() as i64);
                 self.retry_dirty.insert(p.partition);
@@ -251,7 +270,13 @@ impl LoopState {
             due_ms
         };
         if let Err(error) = ctx.park.reschedule(&parked, due_ms) {
-            tracing::error!(%error, "Rescheduling a parked delivery failed.");
+            ctx.shared.metrics.emit(StateError {
+                store: Store::Retry,
+                op: StateOp::Reschedule,
+                error: &error,
+                partition: None,
+                then: "Rescheduling a parked delivery failed.",
+            });
         }
     }
 
@@ -268,7 +293,13 @@ impl LoopState {
         for (partition, pos) in settled {
             match ctx.park.set_settled(partition, pos) {
                 Ok(moved) => self.unflushed |= moved,
-                Err(error) => tracing::error!(%error, partition, "Recording the settled position failed."),
+                Err(error) => ctx.shared.metrics.emit(StateError {
+                    store: Store::Retry,
+                    op: StateOp::Settle,
+                    error: &error,
+                    partition: Some(partition),
+                    then: "Recording the settled position failed.",
+                }),
             }
         }
     }
@@ -278,7 +309,13 @@ impl LoopState {
         let settled = self.settled(ctx);
         if self.unflushed {
             if let Err(error) = ctx.park.flush().await {
-                tracing::error!(%error, "Retry store flush failed.");
+                ctx.shared.metrics.emit(StateError {
+                    store: Store::Retry,
+                    op: StateOp::Flush,
+                    error: &error,
+                    partition: None,
+                    then: "Retry store flush failed.",
+                });
                 return;
             }
             self.unflushed = false;
@@ -287,7 +324,15 @@ impl LoopState {
         self.store_parked_positions(ctx, consumer);
         let due = match self.schedule.take_due(&ctx.park, now_ms()) {
             Ok(d) => d,
-            Err(error) => return tracing::error!(%error, "Reading the retry store failed."),
+            Err(error) => {
+                return ctx.shared.metrics.emit(StateError {
+                    store: Store::Retry,
+                    op: StateOp::Read,
+                    error: &error,
+                    partition: None,
+                    then: "Reading the retry store failed.",
+                })
+            }
         };
         for p in due {
             dispatch(ctx, tasks, p.record.clone(), Origin::Parked(p));

@@ -27,6 +27,7 @@ use crate::kafka::offsets::{OffsetTracker, Tp};
 use crate::kafka::{dead_letter, produce_until_acked, DeadLetter, ProduceError, SourceRef};
 use crate::render::timelines::{self, Summary};
 use crate::route::subscription::Source;
+use crate::telemetry::{StateError, StateOp, Store};
 use crate::window::calendar::Windows;
 use crate::window::clock::Clock;
 use crate::window::emit::{self, EmitError, Limits, Piece};
@@ -179,6 +180,7 @@ pub struct ChatStage {
     /// Last position stored per chat partition.
     stored: HashMap<i32, i64>,
     topic: String,
+    metrics: crate::telemetry::Metrics,
 }
 
 /// A closed bundle: the delivery records of its parts, in order, and dead letters for what
@@ -268,6 +270,7 @@ impl ChatStage {
             emitting: HashSet::new(),
             stored: HashMap::new(),
             topic: shared.config.topics.chat_messages.clone(),
+            metrics: shared.metrics.clone(),
         })
     }
 
@@ -297,7 +300,13 @@ impl ChatStage {
                 std::mem::take(&mut self.waiting)
             }
             Err(error) => {
-                tracing::error!(%error, "Window store write failed; retrying with the next batch.");
+                self.metrics.emit(StateError {
+                    store: Store::Windows,
+                    op: StateOp::Write,
+                    error: &error,
+                    partition: None,
+                    then: "Window store write failed; retrying with the next batch.",
+                });
                 Vec::new()
             }
         }
@@ -310,7 +319,13 @@ impl ChatStage {
         self.stored.remove(&partition);
         match self.store.drop_partition(partition) {
             Ok(n) => tracing::info!(partition, bundles = n, "Chat partition revoked; its open bundles are left to the new owner."),
-            Err(error) => tracing::error!(%error, partition, "Dropping a revoked chat partition failed."),
+            Err(error) => self.metrics.emit(StateError {
+                store: Store::Windows,
+                op: StateOp::Drop,
+                error: &error,
+                partition: Some(partition),
+                then: "Dropping a revoked chat partition failed.",
+            }),
         }
     }
 
@@ -325,7 +340,13 @@ impl ChatStage {
         let keys = match self.store.due(now, DUE_BATCH) {
             Ok(k) => k,
             Err(error) => {
-                tracing::error!(%error, "Reading due windows failed.");
+                self.metrics.emit(StateError {
+                    store: Store::Windows,
+                    op: StateOp::Read,
+                    error: &error,
+                    partition: None,
+                    then: "Reading due windows failed.",
+                });
                 return (Vec::new(), false);
             }
         };
@@ -342,7 +363,13 @@ impl ChatStage {
                     out.push(Emission { partition: bundle.partition, sub_id: key.sub_id.clone(), key, outputs });
                 }
                 Ok(None) => {}
-                Err(error) => tracing::error!(%error, "Loading a due bundle failed."),
+                Err(error) => self.metrics.emit(StateError {
+                    store: Store::Windows,
+                    op: StateOp::Read,
+                    error: &error,
+                    partition: None,
+                    then: "Loading a due bundle failed.",
+                }),
             }
         }
         (out, more)
@@ -384,7 +411,13 @@ impl ChatStage {
     pub fn emitted(&mut self, shared: &Shared, key: &BundleKey) {
         self.emitting.remove(key);
         if let Err(error) = self.store.remove(key) {
-            tracing::error!(%error, "Removing an emitted bundle failed; it will be sent again.");
+            self.metrics.emit(StateError {
+                store: Store::Windows,
+                op: StateOp::Remove,
+                error: &error,
+                partition: None,
+                then: "Removing an emitted bundle failed; it will be sent again.",
+            });
         }
         shared.metrics.bundles_emitted.inc();
         shared.metrics.open_bundles.set(self.store.open_bundles() as i64);
@@ -406,7 +439,13 @@ impl ChatStage {
         let pos = match self.store.low_watermark(partition) {
             Ok(open) => open.map_or(read, |open| open.min(read)),
             Err(error) => {
-                tracing::error!(%error, partition, "Reading the low-watermark failed; position not stored.");
+                self.metrics.emit(StateError {
+                    store: Store::Windows,
+                    op: StateOp::Read,
+                    error: &error,
+                    partition: Some(partition),
+                    then: "Reading the low-watermark failed; position not stored.",
+                });
                 return None;
             }
         };

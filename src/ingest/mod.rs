@@ -33,6 +33,7 @@ use crate::kafka::offsets::{OffsetTracker, Tp};
 use crate::kafka::stage::{self, Io, Step};
 use crate::kafka::{dead_letter, produce_until_acked, store_position, DeadLetter, ProduceError, SourceRef, TrackedConsumer};
 use crate::route::subscription::Source;
+use crate::telemetry::{StateError, StateOp, Store};
 use crate::window::store::{BundleKey, WindowStore};
 use crate::{Error, Shared};
 use bundles::{ChatStage, Emission};
@@ -254,11 +255,23 @@ impl Ingest {
         let settled: Vec<(i32, i64)> =
             self.tracker.positions().into_iter().filter(|((t, _), _)| t == self.chat.topic()).map(|((_, p), pos)| (p, pos)).collect();
         if let Err(error) = self.db.flush().await {
-            return tracing::error!(%error, "Window store flush failed; positions not stored.");
+            return self.shared.metrics.emit(StateError {
+                store: Store::Windows,
+                op: StateOp::Flush,
+                error: &error,
+                partition: None,
+                then: "Window store flush failed; positions not stored.",
+            });
         }
         for (partition, pos) in settled {
             if let Err(error) = self.chat.store.set_settled(partition, pos) {
-                tracing::error!(%error, partition, "Recording the settled position failed.");
+                self.shared.metrics.emit(StateError {
+                    store: Store::Windows,
+                    op: StateOp::Settle,
+                    error: &error,
+                    partition: Some(partition),
+                    then: "Recording the settled position failed.",
+                });
             }
         }
         let topic = self.chat.topic().to_string();
@@ -332,7 +345,8 @@ impl Step for Ingest {
     async fn finish(&mut self, consumer: &TrackedConsumer) {
         self.flush_and_store(consumer).await;
         if let Err(error) = self.db.flush().await {
-            tracing::warn!(%error, "Settled positions not flushed; the next start replays from the committed offset.");
+            let then = "Settled positions not flushed; the next start replays from the committed offset.";
+            self.shared.metrics.emit(StateError { store: Store::Windows, op: StateOp::Flush, error: &error, partition: None, then });
         }
     }
 }

@@ -134,13 +134,11 @@ pub async fn produce_until_acked(
             },
             _ = shutdown.cancelled() => return Err(ProduceError::Canceled),
         };
-        if let Some(reason) = PermanentReason::of(&error) {
-            metrics.produce_errors.with_label_values(&[reason.as_str()]).inc();
-            tracing::warn!(%error, topic, bytes = payload.len(), reason = reason.as_str(), "Kafka refused the record for good.");
+        let permanent = PermanentReason::of(&error);
+        metrics.emit(crate::telemetry::events::ProduceFailed { topic, bytes: payload.len(), error: &error, permanent });
+        if let Some(reason) = permanent {
             return Err(ProduceError::Permanent { reason, topic: topic.to_string(), bytes: payload.len(), error });
         }
-        metrics.produce_errors.with_label_values(&["transient"]).inc();
-        tracing::warn!(%error, topic, "Produce failed; retrying.");
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.cancelled() => return Err(ProduceError::Canceled),

@@ -5,6 +5,10 @@
 //! `hookd_` prefix, `_total` counters, `_seconds` histograms, small fixed label sets (never a
 //! tenant, subscription or URL as a label).
 
+pub mod events;
+
+pub use events::{Event, StateError, StateOp, Store};
+
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Every metric hookd exports.
@@ -87,6 +91,9 @@ pub struct Metrics {
     /// Steps of a graceful stop that did not finish in their bound and were left behind, by
     /// `step` ([`crate::shutdown`]).
     pub shutdown_overruns: IntCounterVec,
+    /// Failed sled operations of the state layer, by `store` (windows, retry, endpoints) and
+    /// `op` ([`events::StateError`]); each is also an error log line.
+    pub state_errors: IntCounterVec,
 }
 
 fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
@@ -173,6 +180,7 @@ impl Metrics {
             chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
             kafka_errors: counter(&r, "hookd_kafka_errors_total", "Kafka client errors ridden out (logged), by stage", &["stage"]),
             shutdown_overruns: counter(&r, "hookd_shutdown_overruns_total", "Stop steps left unfinished after their bound", &["step"]),
+            state_errors: counter(&r, "hookd_state_errors_total", "Failed state store operations, by store and op", &["store", "op"]),
             registry: r,
         }
     }
