@@ -101,6 +101,10 @@ impl DeliverError {
         !matches!(self, Self::InvalidUrl(_) | Self::InvalidRequest(_) | Self::Blocked(_) | Self::Client(_))
     }
 
+    /// Every [`DeliverError::kind`], for the metric's series initialised at start.
+    pub const KINDS: [&'static str; 9] =
+        ["invalid_url", "invalid_request", "blocked", "dns", "connect", "timeout", "status", "io", "client"];
+
     /// Short stable name for metric labels and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -370,6 +374,23 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_kind_is_listed_for_the_metric() {
+        let s = String::new;
+        let all = [
+            DeliverError::InvalidUrl(s()),
+            DeliverError::InvalidRequest(s()),
+            DeliverError::Blocked(s()),
+            DeliverError::Dns(s()),
+            DeliverError::Connect(s()),
+            DeliverError::Timeout,
+            DeliverError::Status(500),
+            DeliverError::Io(s()),
+            DeliverError::Client(s()),
+        ];
+        assert_eq!(all.map(|e| e.kind()), DeliverError::KINDS);
+    }
 
     #[test]
     fn lossy_prefix_respects_the_byte_limit() {

@@ -105,6 +105,9 @@ pub enum DisableCause {
 }
 
 impl DisableCause {
+    /// Every cause, for the metric's series initialised at start.
+    pub const ALL: [Self; 3] = [Self::Failures, Self::Gone, Self::Operator];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Failures => "failures",

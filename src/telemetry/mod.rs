@@ -4,6 +4,11 @@
 //! statics, so tests can run several daemons in one process). Names follow DESIGN section 7:
 //! `hookd_` prefix, `_total` counters, `_seconds` histograms, small fixed label sets (never a
 //! tenant, subscription or URL as a label).
+//!
+//! Every labelled family starts with a series at 0 for each of its known label values
+//! ([`Metrics::new`]), and the process collector adds `process_*` (memory, CPU, file
+//! descriptors), so a first scrape shows every family README.md lists and `rate()` or an
+//! alert on a counter sees it before its first increment.
 
 pub mod events;
 
@@ -131,7 +136,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        Self {
+        let m = Self {
             state_wipes: int_counter(&r, "hookd_state_wipes_total", "State store wiped and rebuilt from Kafka"),
             chat_late: int_counter(&r, "hookd_chat_messages_late_total", "Chat messages that missed their window"),
             open_bundles: gauge(&r, "hookd_open_bundles", "Bundles open in the window store"),
@@ -182,6 +187,51 @@ impl Metrics {
             shutdown_overruns: counter(&r, "hookd_shutdown_overruns_total", "Stop steps left unfinished after their bound", &["step"]),
             state_errors: counter(&r, "hookd_state_errors_total", "Failed state store operations, by store and op", &["store", "op"]),
             registry: r,
+        };
+        m.init_series();
+        m.register_process_collector();
+        m
+    }
+
+    /// A series at 0 for every known label value (README's metrics table lists the same).
+    fn init_series(&self) {
+        use crate::deliver::http::DeliverError;
+        use crate::deliver::lifecycle::DisableCause;
+        use crate::kafka::PermanentReason;
+        let sources = ["crm", "chat"];
+        let touch = |vec: &IntCounterVec, values: &[&str]| values.iter().for_each(|v| drop(vec.with_label_values(&[v])));
+        touch(&self.events_consumed, &sources);
+        touch(&self.deliveries_produced, &sources);
+        touch(&self.events_unmatched, &sources);
+        touch(&self.deliveries, &["success", "retry", "exhausted", "dropped", "refused"]);
+        touch(&self.request_errors, &DeliverError::KINDS);
+        touch(&self.deliveries_deferred, &["busy", "disabled", "unverified"]);
+        touch(&self.dlq_records, &["ingest", "render", "produce", "deliver", "subscriptions"]);
+        touch(&self.produce_errors, &["transient"]);
+        touch(&self.produce_errors, &PermanentReason::ALL.map(PermanentReason::as_str));
+        touch(&self.resume_skipped, &["chat", "retry"]);
+        touch(&self.chat_skipped, &["attachments"]);
+        touch(&self.verifications, &["verified", "failed"]);
+        touch(&self.endpoint_disables, &DisableCause::ALL.map(DisableCause::label));
+        touch(&self.notifications, &["sent", "failed"]);
+        touch(&self.publish_failures, &["sender", "admin"]);
+        touch(&self.admin_requests, &["ok", "unauthorized", "bad_request", "not_found", "unavailable", "error"]);
+        touch(&self.portal_requests, &["ok", "unauthorized", "forbidden", "not_found", "bad_request", "unavailable", "error"]);
+        touch(&self.kafka_errors, &["ingest", "sender", "subscriptions"]);
+        for outcome in ["success", "failure"] {
+            drop(self.request_duration.with_label_values(&[outcome]));
+        }
+        for attempts in ["1", "2+"] {
+            drop(self.delivery_latency.with_label_values(&[attempts]));
+        }
+    }
+
+    /// `process_*`: resident and virtual memory, CPU seconds, open and maximum file
+    /// descriptors, threads, start time (read from /proc at each scrape; Linux only).
+    fn register_process_collector(&self) {
+        #[cfg(target_os = "linux")]
+        if let Err(error) = self.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+            tracing::warn!(%error, "Process metrics not registered.");
         }
     }
 

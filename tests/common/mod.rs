@@ -6,6 +6,7 @@
 pub mod api;
 pub mod chat;
 pub mod kafka;
+pub mod metrics;
 pub mod portal;
 pub mod process;
 pub mod receiver;
