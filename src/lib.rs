@@ -13,6 +13,8 @@
 //! - [`deliver`]: the sender: signs, sends, retries through `hookd.retry` and the sled retry
 //!   store, dead-letters exhausted deliveries; owns the delivery topics' offsets.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on `admin.listen`.
+//! - [`notify`]: the `endpoint.disabled` notice, and its e-mail to the owner (`[notify.smtp]`),
+//!   queued off the delivery path.
 //! - [`telemetry`]: the Prometheus metrics.
 //! - [`shutdown`]: bounded stop steps.
 //! - [`state`]: the sled database and the per-partition protocol of the stores in it.
@@ -30,6 +32,7 @@ pub mod demo;
 pub mod endpoint;
 pub mod ingest;
 pub mod kafka;
+pub mod notify;
 pub mod portal;
 pub mod render;
 pub mod route;
@@ -100,6 +103,8 @@ pub struct Shared {
     pub clock: Arc<dyn window::clock::Clock>,
     /// Per-subscription failure counts, activity and request logs, verification state.
     pub endpoints: endpoint::EndpointStore,
+    /// Mails `endpoint.disabled` notices to owners when `[notify.smtp]` is set.
+    pub mailer: Option<notify::Mailer>,
 }
 
 /// A started daemon.
@@ -156,17 +161,25 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
     let registry = Registry::new(&config.subscription);
     let admin_tasks = tokio_util::task::TaskTracker::new();
     let ready = Ready::default();
-    let shared = Arc::new(Shared { config, dialects, registry, metrics, producer, admin_producer, admin_tasks, ready, clock, endpoints });
+    let mail = notify::Mailer::start(&config.notify, &metrics, shutdown.clone(), config.shutdown.grace())
+        .map_err(|e| config::ConfigError::Invalid(format!("notify.smtp: {e}")))?;
+    let (mailer, mail_task) = mail.unzip();
+    let shared =
+        Arc::new(Shared { config, dialects, registry, metrics, producer, admin_producer, admin_tasks, ready, clock, endpoints, mailer });
     let (admin, server) = admin::serve(shared.clone(), shutdown.clone()).await?;
     tracing::info!(listen = %admin, "Admin server listening.");
     let stages = supervise(shared.clone(), state, park, shutdown);
     // `wait` returns only once nothing holds the state store any more, so a restart in the
     // same process (or a test) can open it again.
-    let metrics = shared.metrics.clone();
+    let (metrics, mail_grace) = (shared.metrics.clone(), shared.config.shutdown.grace());
     let handle = tokio::spawn(async move {
         let result = stages.await;
         // Graceful: waits for open admin connections (a client's keep-alive) to finish.
         let _ = shutdown::bounded(&metrics, "admin_server", shutdown::STEP_TIMEOUT, server).await;
+        if let Some(mail) = mail_task {
+            // Bounded by `shutdown.grace_ms` itself (notify::Mailer); this is the backstop.
+            let _ = shutdown::bounded(&metrics, "owner_emails", mail_grace + shutdown::STEP_TIMEOUT, mail).await;
+        }
         result
     });
     Ok(Running { admin, shared, handle })

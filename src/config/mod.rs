@@ -44,6 +44,8 @@ pub struct Config {
     pub chat: ChatConfig,
     /// The customer portal, `[portal]` ([`crate::portal`]).
     pub portal: crate::portal::PortalConfig,
+    /// Owner notices besides `hookd.notifications`: `[notify.smtp]` mails them.
+    pub notify: crate::notify::NotifyConfig,
     /// Custom dialects, `[dialect.<name>]`, defined without a rebuild.
     pub dialect: BTreeMap<String, DialectConfig>,
     /// Static subscriptions, `[[subscription]]`; the subscriptions topic adds to them.

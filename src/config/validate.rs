@@ -17,7 +17,7 @@ impl Config {
         Ok(dialects)
     }
 
-    /// Kafka, admin, size limits and the portal.
+    /// Kafka, admin, size limits, the portal and the SMTP relay.
     fn check_clients(&self) -> Result<(), String> {
         if self.kafka.brokers.trim().is_empty() {
             return Err("kafka.brokers must not be empty".into());
@@ -43,6 +43,9 @@ impl Config {
         }
         crate::kafka::limits::validate(self)?;
         self.portal.validate()?;
+        if let Some(smtp) = &self.notify.smtp {
+            smtp.validate()?;
+        }
         Ok(())
     }
 

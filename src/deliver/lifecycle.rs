@@ -19,6 +19,7 @@ use super::http::{Attempt, HttpSender};
 use super::publish::{publish, PublishError, Via};
 use super::record::DeliveryRecord;
 use crate::endpoint::{fingerprint, Action, Activity, RequestLog, Verification};
+use crate::notify::Notice;
 use crate::route::subscription::Subscription;
 use crate::Shared;
 
@@ -93,29 +94,7 @@ pub fn is_gone(attempt: &Attempt) -> bool {
     attempt.error.is_none() && attempt.status == Some(410)
 }
 
-/// Why a subscription was disabled: the `cause` label of `hookd_endpoint_disables_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DisableCause {
-    /// More than `disable_after_failures` failed requests in a row.
-    Failures,
-    /// The endpoint answered `410 Gone`.
-    Gone,
-    /// An operator, through the admin API.
-    Operator,
-}
-
-impl DisableCause {
-    /// Every cause, for the metric's series initialised at start.
-    pub const ALL: [Self; 3] = [Self::Failures, Self::Gone, Self::Operator];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Failures => "failures",
-            Self::Gone => "gone",
-            Self::Operator => "operator",
-        }
-    }
-}
+pub use crate::notify::DisableCause;
 
 /// What [`disable`] or [`enable`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,27 +181,32 @@ pub async fn enable(shared: &Shared, id: &str, via: Via<'_>) -> Result<Changed, 
 }
 
 /// The `endpoint.disabled` notice for the operator's product (so it can email the owner),
-/// about `sub` as published.
+/// about `sub` as published; also mailed to the owner when `[notify.smtp]` is set (queued, so
+/// this never waits for mail).
 async fn notify(shared: &Shared, sub: &Subscription, cause: DisableCause, reason: &str, via: Via<'_>) {
     let state = shared.endpoints.state(&sub.id).unwrap_or_default();
-    let value = serde_json::json!({
-        "type": "endpoint.disabled",
-        "tenant": sub.tenant,
-        "subscription": sub.id,
-        "url": crate::endpoint::redact_url(&sub.url),
-        "owner_email": sub.owner_email,
-        "last_error": state.last_error.as_deref().unwrap_or(reason),
-        "cause": cause.label(),
-        "reason": reason,
-        "at": chrono::Utc::now().to_rfc3339(),
-    });
+    let notice = Notice {
+        kind: "endpoint.disabled",
+        tenant: sub.tenant.clone(),
+        subscription: sub.id.clone(),
+        url: crate::endpoint::redact_url(&sub.url),
+        owner_email: sub.owner_email.clone(),
+        last_error: state.last_error.unwrap_or_else(|| reason.to_string()),
+        cause,
+        reason: reason.to_string(),
+        at: chrono::Utc::now().to_rfc3339(),
+    };
     let topic = &shared.config.topics.notifications;
-    match publish(shared, via, topic, &sub.id, value.to_string().as_bytes()).await {
+    let value = serde_json::to_vec(&notice).expect("a notice serialises");
+    match publish(shared, via, topic, &sub.id, &value).await {
         Ok(()) => shared.metrics.notifications.with_label_values(&["sent"]).inc(),
         Err(error) => {
             shared.metrics.notifications.with_label_values(&["failed"]).inc();
             tracing::error!(%error, subscription = %sub.id, "Notice not produced.");
         }
+    }
+    if let Some(mailer) = &shared.mailer {
+        mailer.offer(&notice);
     }
 }
 

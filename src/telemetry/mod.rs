@@ -80,6 +80,10 @@ pub struct Metrics {
     pub endpoint_disables: IntCounterVec,
     /// Notices (`endpoint.disabled`) for `hookd.notifications`, by `outcome` (sent, failed).
     pub notifications: IntCounterVec,
+    /// Owner e-mails of `endpoint.disabled` notices (`[notify.smtp]`), by `outcome`: sent,
+    /// failed (the relay refused, timed out or was unreachable; a bad address), dropped (the
+    /// queue was full or hookd stopped first), no_address (the subscription has no `owner_email`).
+    pub owner_emails: IntCounterVec,
     /// Lifecycle and admin records (subscription changes, notices, replays) Kafka did not
     /// take, by `via`: sender (hookd stopping, or refused), admin (not acknowledged in time).
     pub publish_failures: IntCounterVec,
@@ -146,6 +150,7 @@ impl Metrics {
             verifications: counter(&r, "hookd_verifications_total", "Endpoint verification handshakes", &["result"]),
             endpoint_disables: counter(&r, "hookd_endpoint_disables_total", "Subscriptions disabled, by cause", &["cause"]),
             notifications: counter(&r, "hookd_notifications_total", "Notices for hookd.notifications, by outcome", &["outcome"]),
+            owner_emails: counter(&r, "hookd_owner_emails_total", "Owner e-mails of endpoint.disabled notices, by outcome", &["outcome"]),
             publish_failures: counter(&r, "hookd_publish_failures_total", "Lifecycle and admin records Kafka did not take", &["via"]),
             admin_requests: counter(&r, "hookd_admin_requests_total", "Admin API requests", &["outcome"]),
             portal_requests: counter(&r, "hookd_portal_requests_total", "Customer portal requests", &["outcome"]),
@@ -196,8 +201,8 @@ impl Metrics {
     /// A series at 0 for every known label value (README's metrics table lists the same).
     fn init_series(&self) {
         use crate::deliver::http::DeliverError;
-        use crate::deliver::lifecycle::DisableCause;
         use crate::kafka::PermanentReason;
+        use crate::notify::DisableCause;
         let sources = ["crm", "chat"];
         let touch = |vec: &IntCounterVec, values: &[&str]| values.iter().for_each(|v| drop(vec.with_label_values(&[v])));
         touch(&self.events_consumed, &sources);
@@ -214,6 +219,7 @@ impl Metrics {
         touch(&self.verifications, &["verified", "failed"]);
         touch(&self.endpoint_disables, &DisableCause::ALL.map(DisableCause::label));
         touch(&self.notifications, &["sent", "failed"]);
+        touch(&self.owner_emails, &["sent", "failed", "dropped", "no_address"]);
         touch(&self.publish_failures, &["sender", "admin"]);
         touch(&self.admin_requests, &["ok", "unauthorized", "bad_request", "not_found", "unavailable", "error"]);
         touch(&self.portal_requests, &["ok", "unauthorized", "forbidden", "not_found", "bad_request", "unavailable", "error"]);

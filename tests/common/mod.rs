@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod portal;
 pub mod process;
 pub mod receiver;
+pub mod smtp;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
