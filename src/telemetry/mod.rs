@@ -223,7 +223,8 @@ impl Metrics {
         touch(&self.publish_failures, &["sender", "admin"]);
         touch(&self.admin_requests, &["ok", "unauthorized", "bad_request", "not_found", "unavailable", "error"]);
         touch(&self.portal_requests, &["ok", "unauthorized", "forbidden", "not_found", "bad_request", "unavailable", "error"]);
-        touch(&self.kafka_errors, &["ingest", "sender", "subscriptions"]);
+        touch(&self.kafka_errors, &["ingest", "sender", "subscriptions", "close"]);
+        touch(&self.shutdown_overruns, &["ingest", "sender", "sender_helpers", "admin_server", "owner_emails"]);
         for outcome in ["success", "failure"] {
             drop(self.request_duration.with_label_values(&[outcome]));
         }
