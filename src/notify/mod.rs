@@ -28,7 +28,7 @@ pub enum DisableCause {
     Failures,
     /// The endpoint answered `410 Gone`.
     Gone,
-    /// An operator, through the admin API.
+    /// An operator or the customer, through the admin API or the portal.
     Operator,
 }
 

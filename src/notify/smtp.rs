@@ -49,7 +49,7 @@ pub struct SmtpConfig {
     #[serde(default = "default_queue")]
     pub queue: usize,
     /// Which disables are mailed: `failures` and `gone` by default (hookd's own decisions), not
-    /// `operator` (someone chose to, through the admin API, and knows).
+    /// `operator` (someone chose to, through the admin API or the portal, and knows).
     #[serde(default = "default_causes")]
     pub causes: Vec<DisableCause>,
 }
