@@ -26,12 +26,13 @@ async fn a_first_scrape_shows_every_documented_family_and_label_value() {
         if !exported.contains_key(&d.name) {
             missing.push(d.name.clone());
         }
-        let Some((label, values)) = &d.label else { continue };
-        for v in values {
-            let counter_or_gauge = format!("{}{{{label}=\"{v}\"}}", d.name);
-            let histogram = format!("{}_count{{{label}=\"{v}\"}}", d.name);
-            if !series.contains(&counter_or_gauge) && !series.contains(&histogram) {
-                missing.push(counter_or_gauge);
+        let count = format!("{}_count", d.name);
+        let of_family: Vec<_> = series.iter().filter(|(name, _)| *name == d.name || *name == count).collect();
+        for (label, values) in &d.labels {
+            for v in values {
+                if !of_family.iter().any(|(_, labels)| labels.get(label) == Some(v)) {
+                    missing.push(format!("{}{{{label}=\"{v}\"}}", d.name));
+                }
             }
         }
     }

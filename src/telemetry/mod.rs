@@ -225,6 +225,11 @@ impl Metrics {
         touch(&self.portal_requests, &["ok", "unauthorized", "forbidden", "not_found", "bad_request", "unavailable", "error"]);
         touch(&self.kafka_errors, &["ingest", "sender", "subscriptions", "close"]);
         touch(&self.shutdown_overruns, &["ingest", "sender", "sender_helpers", "admin_server", "owner_emails"]);
+        for store in Store::ALL {
+            for op in StateOp::ALL {
+                drop(self.state_errors.with_label_values(&[store.label(), op.label()]));
+            }
+        }
         for outcome in ["success", "failure"] {
             drop(self.request_duration.with_label_values(&[outcome]));
         }
