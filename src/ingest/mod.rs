@@ -19,6 +19,7 @@
 
 pub mod bundles;
 pub mod chat;
+mod emission;
 pub mod event;
 
 use std::sync::atomic::Ordering;
