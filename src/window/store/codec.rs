@@ -1,16 +1,13 @@
-//! What the window store keeps and how: bundle ids and the keys that name them, the bundle
-//! meta's binary encoding (version 2, version 1 still read), and the meta writes of one
-//! `apply` batch. Every i64 in a key is big-endian with the sign bit flipped ([`ord`]), so
+//! What the window store keeps and how: bundle and pair ids, the `e` entry (late marker and
+//! the bundles it still covers), and the per-message layout of earlier versions (bundle metas,
+//! version 2 and version 1), read once to convert such a store. Every i64 in a key is big-endian with the sign bit flipped ([`ord`]), so
 //! keys sort as the numbers do.
 
-use std::collections::HashMap;
-
-use sled::Batch;
-
-use super::{BundleKey, Incoming};
+use super::BundleKey;
 
 impl BundleKey {
-    /// `sub chat start`, the bundle's part of every key that names it.
+    /// `sub chat start`, the bundle's part of every key of the per-message layout.
+    #[cfg(test)]
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut id = Vec::with_capacity(16 + self.sub_id.len() + self.chat_id.len());
         put_str(&mut id, &self.sub_id);
@@ -25,51 +22,6 @@ impl BundleKey {
         let chat_id = r.string()?;
         Some(Self { sub_id, chat_id, start_ms: unord(r.take(8)?) })
     }
-}
-
-/// A bundle touched by one `apply`: its metadata before and after the batch.
-pub(super) struct Slot<'a> {
-    /// The meta as stored; `None` for a bundle this batch creates.
-    pub(super) before: Option<Meta>,
-    pub(super) meta: Meta,
-    /// Header of the first message added in this batch; `None` if none was added (a slot
-    /// may be loaded only to find it is being emitted).
-    pub(super) header: Option<&'a [u8]>,
-}
-
-/// Adds the metas, due and watermark entries of one `apply` to its batch; returns how many
-/// bundles it creates.
-pub(super) fn write_slots(b: &mut Batch, slots: &HashMap<Vec<u8>, Slot<'_>>) -> i64 {
-    let mut created = 0;
-    for (id, slot) in slots.iter() {
-        let (meta, Some(header)) = (&slot.meta, slot.header) else { continue };
-        let before: &[Part] = match &slot.before {
-            Some(before) if before == meta => continue, // joined: its `m` entry is all
-            Some(before) => &before.parts,
-            None => {
-                created += 1;
-                b.insert(tagged(b'd', &[&ord(meta.close_at_ms), id]), &[]);
-                b.insert(tagged(b'h', &[id]), header);
-                &[]
-            }
-        };
-        for p in before.iter().filter(|p| !meta.parts.contains(p)) {
-            b.remove(wm_key(p.partition, p.first_offset, id));
-        }
-        for p in meta.parts.iter().filter(|p| !before.contains(p)) {
-            b.insert(wm_key(p.partition, p.first_offset, id), &[]);
-        }
-        put_meta(b, id, meta);
-    }
-    created
-}
-
-/// Writes a meta; one read from a version-1 entry also gets its inline header moved to `h`.
-pub(super) fn put_meta(b: &mut Batch, id: &[u8], meta: &Meta) {
-    if let Some(header) = &meta.header {
-        b.insert(tagged(b'h', &[id]), &header[..]);
-    }
-    b.insert(tagged(b'b', &[id]), meta.encode());
 }
 
 /// What the store keeps about a bundle besides its messages.
@@ -99,32 +51,8 @@ pub(super) struct Part {
 pub(super) const META_VERSION: u8 = 2;
 
 impl Meta {
-    /// A bundle starting at `start_ms` ends at the next boundary of its windows: `size`
-    /// later in UTC, at the next local midnight for a day in a zone (23 h or 25 h on the days
-    /// the clocks change), at the next boundary too for a late bundle starting off the grid.
-    pub(super) fn new(start_ms: i64, m: &Incoming<'_>) -> Self {
-        let end_ms = m.windows.end(start_ms);
-        let grace_ms = m.grace_ms.max(0);
-        Self {
-            end_ms,
-            grace_ms,
-            close_at_ms: end_ms.saturating_add(grace_ms),
-            late: false,
-            emitting: false,
-            parts: Vec::new(),
-            header: None,
-        }
-    }
-
-    pub(super) fn add(&mut self, m: &Incoming<'_>, late: bool) {
-        self.late |= late;
-        match self.parts.iter_mut().find(|p| p.partition == m.partition) {
-            Some(p) => p.first_offset = p.first_offset.min(m.offset),
-            None => self.parts.push(Part { partition: m.partition, first_offset: m.offset }),
-        }
-    }
-
     /// Version 2: version, flags, three i64 (end, grace, close_at), part count (u16), parts.
+    #[cfg(test)]
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(28 + 12 * self.parts.len());
         v.push(META_VERSION);
@@ -177,6 +105,10 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
+    pub(super) fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+
     pub(super) fn i64(&mut self) -> Option<i64> {
         Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
     }
@@ -212,14 +144,39 @@ pub(super) fn tagged(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     k
 }
 
+#[cfg(test)]
 pub(super) fn msg_key(id: &[u8], ts_ms: i64, partition: i32, offset: i64) -> Vec<u8> {
     tagged(b'm', &[id, &ord(ts_ms), &(partition as u32).to_be_bytes(), &ord(offset)])
 }
 
-pub(super) fn wm_key(partition: i32, first_offset: i64, id: &[u8]) -> Vec<u8> {
-    tagged(b'w', &[&(partition as u32).to_be_bytes(), &ord(first_offset), id])
-}
-
 pub(super) fn corrupt(what: &str) -> sled::Error {
     sled::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("window store: unreadable {what}")))
+}
+
+/// `sub chat`, the pair's part of its `e` key.
+pub(super) fn pair_id(sub_id: &str, chat_id: &str) -> Vec<u8> {
+    let mut id = Vec::with_capacity(8 + sub_id.len() + chat_id.len());
+    put_str(&mut id, sub_id);
+    put_str(&mut id, chat_id);
+    id
+}
+
+/// An `e` value: the marker, then (start, end) of each stored bundle it covers. A value of
+/// an earlier version is the marker alone.
+pub(super) fn encode_marker(marker: i64, covered: &[(i64, i64)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 16 * covered.len());
+    v.extend_from_slice(&ord(marker));
+    for (start, end) in covered {
+        v.extend_from_slice(&ord(*start));
+        v.extend_from_slice(&ord(*end));
+    }
+    v
+}
+
+pub(super) fn decode_marker(v: &[u8]) -> Option<(i64, Vec<(i64, i64)>)> {
+    if v.len() < 8 || (v.len() - 8) % 16 != 0 {
+        return None;
+    }
+    let covered = v[8..].chunks_exact(16).map(|c| (unord(&c[..8]), unord(&c[8..]))).collect();
+    Some((unord(v), covered))
 }

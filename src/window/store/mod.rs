@@ -1,44 +1,41 @@
 //! The window store: open bundles of chat messages, kept in sled until emitted and acknowledged.
 //!
-//! Key layout (one sled tree `windows`, so a poll batch, its bundles' indexes and the
-//! partition checkpoint are one atomic `sled::Batch`). `K` is a bundle key: sub id and chat
-//! id, each as u32 BE length then UTF-8 bytes (so no id can be the prefix of another), then
-//! `start_ms`. Every i64 in a key is big-endian with the sign bit flipped, so keys sort as
-//! the numbers do; partitions are u32 BE.
-//! - `b` K → meta: end, grace, close_at, late and emitting flags, and (partition, first
-//!   offset) of every partition the bundle holds messages of. It changes only when a bundle
-//!   is created, gets its first late message or a new partition, or begins emission, so a
-//!   message joining an open bundle costs one write (its `m` entry); count and first/last
-//!   times are read off the `m` keys when the bundle is loaded;
-//! - `h` K → the bundle header JSON, written once when the bundle is created (version-1
-//!   metas, which carried it inline, are still read);
-//! - `m` K ts partition offset → message bytes: a bundle's messages in (ts, partition,
-//!   offset) order, read by one prefix scan;
-//! - `d` close_at K → (): the due index, ordered by close time, so closed windows are a
-//!   range scan from its start, never a scan of all bundles;
-//! - `x` K → (): bundles whose emission has begun (moved out of `d` by `begin_emit`); put
-//!   back into `d` when the store is opened again, so a crash before `remove` re-emits;
-//! - `w` partition first_offset K → (): the low-watermark index, one entry per partition a
-//!   bundle holds messages of (one, unless the topic was repartitioned);
+//! Log-structured: an `apply` (one poll batch) writes one segment per partition it holds
+//! messages of, whatever the number of messages and bundles, and an in-memory index of the
+//! open bundles (`index.rs`: where each message and header is, the due order, each
+//! partition's low-watermark) is rebuilt from the segments' small index values when the store
+//! is opened (`replay.rs`). Key layout, one sled tree `windows` (so a batch's segments and the
+//! partitions' checkpoints are one atomic `sled::Batch`); every number big-endian, i64 in keys
+//! with the sign bit flipped so they sort as numbers:
+//! - `s` partition seq → a segment's index, `v` partition seq → its bodies (`segment.rs`);
+//!   a segment is deleted when no stored bundle has a record in it any more, and all of a
+//!   partition's segments when it is revoked;
+//! - `e` sub chat (each u32 length + UTF-8) → the pair's late marker (end of the last window
+//!   emitted for it) followed by the (start, end) of each stored bundle of the pair that ends
+//!   at or before the marker (being emitted, not yet removed). A segment's record of a bundle
+//!   ending at or before the marker and not in that list belongs to a removed bundle: replay
+//!   skips it, so `remove` costs one write whatever the bundle holds. Markers outlive their
+//!   bundles (one small entry per pair); a message whose window ends at or before it goes to
+//!   the window starting at it, flagged late;
 //! - `c` partition and `f` partition: the checkpoint and the settled position of
 //!   [`crate::state::Partitions`] (settled: every offset below it is finished, its
-//!   pass-through deliveries acknowledged, its bundle part applied here);
-//! - `e` sub chat → end of the last window emitted for the pair: the late marker. A message
-//!   whose window ends at or before it goes to the window starting at it, flagged late.
-//!   Markers are kept after `remove` and `drop_partition` (one small entry per pair);
-//! - `n` → number of bundles stored, for the gauge.
+//!   pass-through deliveries acknowledged, its bundle part applied here).
 //!
-//! Writes are serialised by a lock shared by all clones, so `apply` can never add a message
-//! to a bundle that `begin_emit` is emitting or `remove` is deleting. Open the store once per
+//! Stores written by earlier versions (one sled entry per message under `b h m d x w n`) are
+//! converted when opened. All operations take one lock shared by all clones, so `apply` can
+//! never add a message to a bundle that `begin_emit` is emitting or `remove` is deleting; a
+//! failed sled write makes the next call rebuild the index from disk. Open the store once per
 //! database and clone it.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sled::{Batch, Tree};
+use sled::{Batch, IVec, Tree};
 
 use super::calendar::Windows;
 use crate::state::{Partitions, StateDb};
+use index::{Index, Loc};
+use segment::Writer;
 
 /// Identifies a bundle: one chat, one subscription, one window.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -100,82 +97,105 @@ pub fn place(ts_ms: i64, windows: Windows, emitted_end_ms: Option<i64>) -> (i64,
     }
 }
 
-/// The store; cheap to clone, all clones share the tree and the write lock.
+/// The store; cheap to clone, all clones share the tree, the index and the lock.
 #[derive(Clone)]
 pub struct WindowStore {
     tree: Tree,
-    /// Serialises read-modify-write of metas, markers and the bundle counter.
-    write: Arc<Mutex<()>>,
+    inner: Arc<Mutex<Inner>>,
     /// Checkpoints and settled positions, in the same tree.
     partitions: Partitions,
 }
 
+struct Inner {
+    index: Index,
+    /// Bodies values read last, by seq: emission reads bundles in close order, whose
+    /// messages were mostly written together.
+    bodies: Vec<(u64, IVec)>,
+    /// A sled write failed after the index had changed: rebuild it before the next call.
+    stale: bool,
+}
+
+const BODIES_CACHED: usize = 32;
+
 impl WindowStore {
-    /// Opens the `windows` tree and puts bundles whose emission had begun back in the due
-    /// index (the process that began them is gone; emitting again is a duplicate, not a loss).
+    /// Opens the `windows` tree (converting a store of an earlier layout) and rebuilds the
+    /// index from its segments. Bundles whose emission had begun are due again (the process
+    /// that began them is gone; emitting again is a duplicate, not a loss).
     pub fn open(db: &StateDb) -> Result<Self, sled::Error> {
         let tree = db.tree("windows")?;
-        let store = Self { partitions: Partitions::new(tree.clone()), tree, write: Arc::new(Mutex::new(())) };
-        let mut b = Batch::default();
-        for kv in store.tree.scan_prefix([b'x']) {
-            let (k, _) = kv?;
-            let id = &k[1..];
-            if let Some(mut meta) = store.meta(id)? {
-                meta.emitting = false;
-                b.insert(tagged(b'd', &[&ord(meta.close_at_ms), id]), &[]);
-                put_meta(&mut b, id, &meta);
-            }
-            b.remove(k);
-        }
-        store.tree.apply_batch(b)?;
-        Ok(store)
+        replay::convert_legacy(&tree)?;
+        let index = replay::load(&tree)?;
+        let inner = Inner { index, bodies: Vec::new(), stale: false };
+        Ok(Self { partitions: Partitions::new(tree.clone()), tree, inner: Arc::new(Mutex::new(inner)) })
     }
 
-    /// Applies one poll batch atomically (one sled batch for the whole slice) and moves each
-    /// partition's checkpoint to the highest offset applied. Returns where each message went
-    /// (its bundle, and whether late), in the same order. Offsets at or below a partition's
-    /// checkpoint are already here: the consumer skips their bundle part.
+    /// Applies one poll batch atomically (one segment per partition and the partitions'
+    /// checkpoints in one sled batch) and moves each partition's checkpoint to the highest
+    /// offset applied. Returns where each message went (its bundle, and whether late), in the
+    /// same order. Offsets at or below a partition's checkpoint are already here: the consumer
+    /// skips their bundle part.
     pub fn apply(&self, batch: &[Incoming<'_>]) -> Result<Vec<(BundleKey, bool)>, sled::Error> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let _write = self.lock();
-        let mut markers: HashMap<Vec<u8>, Option<i64>> = HashMap::new();
-        let mut slots: HashMap<Vec<u8>, Slot<'_>> = HashMap::new();
-        let mut b = Batch::default();
+        let mut inner = self.lock()?;
+        let mut writers: Vec<Writer> = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
-        for m in batch {
-            let mut pair = Vec::with_capacity(16 + m.sub_id.len() + m.chat_id.len());
-            put_str(&mut pair, m.sub_id);
-            put_str(&mut pair, m.chat_id);
-            let marker = match markers.get(&pair) {
-                Some(marker) => *marker,
-                None => {
-                    let marker = self.tree.get(tagged(b'e', &[&pair]))?.map(|v| unord(&v));
-                    markers.insert(pair.clone(), marker);
-                    marker
-                }
-            };
-            let (mut start_ms, mut late) = place(m.ts_ms, m.windows, marker);
-            let mut id = [&pair[..], &ord(start_ms)].concat();
-            let slot = self.slot(&mut slots, &id, start_ms, m)?;
-            if slot.meta.emitting {
-                // The window size changed since that bundle was emitted: still late, never into it.
-                (start_ms, late) = (slot.meta.end_ms.max(marker.unwrap_or(i64::MIN)), true);
-                id = [&pair[..], &ord(start_ms)].concat();
+        let placed = batch.iter().try_for_each(|m| {
+            out.push(self.place_one(&mut inner.index, &mut writers, m)?);
+            Ok::<_, sled::Error>(())
+        });
+        let written = placed.and_then(|()| {
+            let mut b = Batch::default();
+            writers.into_iter().for_each(|w| w.write(&mut b));
+            let moves = self.partitions.advance(&mut b, batch.iter().map(|m| (m.partition, m.offset)))?;
+            self.tree.apply_batch(b)?;
+            self.partitions.applied(moves);
+            Ok(())
+        });
+        inner.stale |= written.is_err();
+        written.map(|()| out)
+    }
+
+    /// Puts one message in its bundle (in the index and in its partition's segment).
+    fn place_one(&self, ix: &mut Index, writers: &mut Vec<Writer>, m: &Incoming<'_>) -> Result<(BundleKey, bool), sled::Error> {
+        let pair = match ix.find_pair(m.sub_id, m.chat_id) {
+            Some(pair) => pair,
+            None => {
+                let (marker, _) = self.marker(&pair_id(m.sub_id, m.chat_id))?;
+                ix.add_pair(m.sub_id, m.chat_id, marker)
             }
-            let slot = self.slot(&mut slots, &id, start_ms, m)?;
-            slot.meta.add(m, late);
-            slot.header.get_or_insert(m.header);
-            b.insert(msg_key(&id, m.ts_ms, m.partition, m.offset), m.message);
-            out.push((BundleKey { sub_id: m.sub_id.to_owned(), chat_id: m.chat_id.to_owned(), start_ms }, late));
+        };
+        let marker = ix.pair(pair).marker;
+        let (mut start_ms, mut late) = place(m.ts_ms, m.windows, marker);
+        let mut found = ix.find_bundle(pair, start_ms);
+        if let Some(b) = found.filter(|&b| ix.bundle(b).emitting) {
+            // The window size changed since that bundle was emitted: still late, never into it.
+            (start_ms, late) = (ix.bundle(b).end_ms.max(marker.unwrap_or(i64::MIN)), true);
+            found = ix.find_bundle(pair, start_ms);
         }
-        let created = write_slots(&mut b, &slots);
-        let moves = self.partitions.advance(&mut b, batch.iter().map(|m| (m.partition, m.offset)))?;
-        self.count_bundles(&mut b, created)?;
-        self.tree.apply_batch(b)?;
-        self.partitions.applied(moves);
-        Ok(out)
+        let b = found.unwrap_or_else(|| {
+            let end_ms = m.windows.end(start_ms);
+            ix.add_bundle(pair, start_ms, end_ms, end_ms.saturating_add(m.grace_ms.max(0)))
+        });
+        let w = match writers.iter().position(|w| w.partition == m.partition) {
+            Some(w) => w,
+            None => {
+                let (seg, seq) = ix.add_seg(m.partition);
+                writers.push(Writer::new(seg, seq, m.partition));
+                writers.len() - 1
+            }
+        };
+        let writer = &mut writers[w];
+        let open = ix.bundle(b);
+        let opens = (!ix.has_part(b, m.partition)).then_some((open.end_ms, open.close_at_ms, m.header));
+        let (row, header_at) = writer.row(b, m.sub_id, m.chat_id, start_ms, opens);
+        if let Some(at) = header_at {
+            ix.add_part(b, m.partition, m.offset, Loc { seg: writer.seg, at });
+        }
+        let at = writer.message(row, m.ts_ms, m.offset, late, m.message);
+        ix.add_message(b, Loc { seg: writer.seg, at }, m.partition, m.offset, late);
+        Ok((BundleKey { sub_id: m.sub_id.to_owned(), chat_id: m.chat_id.to_owned(), start_ms }, late))
     }
 
     /// Highest offset of `partition` applied to this store.
@@ -187,7 +207,7 @@ impl WindowStore {
     /// backwards. `position` must have been taken before a flush that completed, so the
     /// bundle parts of those offsets are on disk before this entry can be.
     pub fn set_settled(&self, partition: i32, position: i64) -> Result<(), sled::Error> {
-        let _write = self.lock();
+        let _inner = self.lock()?;
         self.partitions.set_settled(partition, position).map(|_| ())
     }
 
@@ -198,84 +218,111 @@ impl WindowStore {
     }
 
     /// Keys of bundles not yet being emitted whose close time (end + grace) is at or before
-    /// `now_ms`, earliest close first, at most `limit`: a range scan of the due index.
+    /// `now_ms`, earliest close first, at most `limit`.
     pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<BundleKey>, sled::Error> {
-        let hi = match now_ms.checked_add(1) {
-            Some(after) => tagged(b'd', &[&ord(after)]),
-            None => vec![b'e'],
-        };
-        let mut out = Vec::new();
-        for kv in self.tree.range(&[b'd'][..]..&hi[..]).take(limit) {
-            let (k, _) = kv?;
-            out.push(BundleKey::decode(&k[9..]).ok_or_else(|| corrupt("due entry"))?);
-        }
-        Ok(out)
+        let inner = self.lock()?;
+        let ix = &inner.index;
+        Ok(ix.due(now_ms, limit).map(|b| key_of(ix, b)).collect())
     }
 
-    /// Loads a bundle for emission and, atomically, takes it out of the due index and marks
-    /// its window emitted for (sub, chat), so any message for that window applied afterwards
-    /// goes to the chat's next bundle, flagged late. The bundle stays stored (and keeps
-    /// holding its partition's low-watermark) until [`Self::remove`]. Calling it again before
-    /// `remove` returns the same bundle.
+    /// Loads a bundle for emission and marks its window emitted for (sub, chat), so any
+    /// message for that window applied afterwards goes to the chat's next bundle, flagged
+    /// late; the bundle leaves the due order. It stays stored (and keeps holding its
+    /// partition's low-watermark) until [`Self::remove`]. Calling it again before `remove`
+    /// returns the same bundle.
     pub fn begin_emit(&self, key: &BundleKey) -> Result<Option<Bundle>, sled::Error> {
-        let _write = self.lock();
-        let id = key.encode();
-        let Some(mut meta) = self.meta(&id)? else { return Ok(None) };
-        let inline = meta.header.take();
-        let header = match &inline {
-            Some(inline) => inline.clone(),
-            None => self.tree.get(tagged(b'h', &[&id]))?.ok_or_else(|| corrupt("bundle header"))?.to_vec(),
-        };
-        let (mut messages, mut origins, mut first_ts_ms, mut last_ts_ms) = (Vec::new(), Vec::new(), i64::MAX, i64::MIN);
-        for kv in self.tree.scan_prefix(tagged(b'm', &[&id])) {
-            let (k, v) = kv?;
-            let n = k.len();
-            let ts = unord(&k[n - 20..n - 12]);
-            (first_ts_ms, last_ts_ms) = (first_ts_ms.min(ts), last_ts_ms.max(ts));
-            origins.push((u32::from_be_bytes([k[n - 12], k[n - 11], k[n - 10], k[n - 9]]) as i32, unord(&k[n - 8..])));
-            messages.push(v.to_vec());
+        let mut inner = self.lock()?;
+        let Some((pair, b)) = find(&inner.index, key) else { return Ok(None) };
+        let bundle = self.load(&mut inner, b, key)?;
+        if !inner.index.bundle(b).emitting {
+            inner.index.begin_emit(b);
+            let written = self.write_marker(&mut inner.index, pair, bundle.end_ms, &mut Batch::default());
+            inner.stale |= written.is_err();
+            written?;
         }
-        if !meta.emitting {
-            meta.emitting = true;
-            let marker_key = tagged(b'e', &[&id[..id.len() - 8]]);
-            let marker = self.tree.get(&marker_key)?.map(|v| unord(&v));
-            let mut b = Batch::default();
-            b.remove(tagged(b'd', &[&ord(meta.close_at_ms), &id]));
-            b.insert(tagged(b'x', &[&id]), &[]);
-            if inline.is_some() {
-                b.insert(tagged(b'h', &[&id]), &header[..]); // a version-1 meta: move it out
-            }
-            put_meta(&mut b, &id, &meta);
-            if marker.is_none_or(|m| m < meta.end_ms) {
-                b.insert(marker_key, &ord(meta.end_ms));
-            }
-            self.tree.apply_batch(b)?;
+        Ok(Some(bundle))
+    }
+
+    /// Reads bundle `b`'s header and messages from its segments.
+    fn load(&self, inner: &mut Inner, b: u32, key: &BundleKey) -> Result<Bundle, sled::Error> {
+        let ix = &inner.index;
+        let open = ix.bundle(b);
+        let first = open.parts[0];
+        let locs: Vec<(Loc, i32, u64)> = open.msgs.iter().map(|l| (*l, ix.seg(l.seg).partition, ix.seg(l.seg).seq)).collect();
+        let (end_ms, late) = (open.end_ms, open.late);
+        let header_seg = (ix.seg(first.header.seg).partition, ix.seg(first.header.seg).seq);
+        let header = segment::header_at(&self.bodies(inner, header_seg.0, header_seg.1)?, first.header.at)?.to_vec();
+        let mut messages: Vec<(i64, i32, i64, Vec<u8>)> = Vec::with_capacity(locs.len());
+        for (loc, partition, seq) in locs {
+            let bodies = self.bodies(inner, partition, seq)?;
+            let (ts, offset, body) = segment::message_at(&bodies, loc.at)?;
+            messages.push((ts, partition, offset, body.to_vec()));
         }
-        let first = meta.parts.first().copied().unwrap_or(Part { partition: -1, first_offset: -1 });
-        Ok(Some(Bundle {
+        messages.sort_unstable_by_key(|(ts, partition, offset, _)| (*ts, *partition, *offset));
+        let first_ts_ms = messages.first().map_or(i64::MAX, |m| m.0);
+        let last_ts_ms = messages.last().map_or(i64::MIN, |m| m.0);
+        let origins = messages.iter().map(|(_, p, o, _)| (*p, *o)).collect();
+        Ok(Bundle {
             key: key.clone(),
-            end_ms: meta.end_ms,
+            end_ms,
             header,
-            messages,
+            messages: messages.into_iter().map(|m| m.3).collect(),
             origins,
             first_ts_ms,
             last_ts_ms,
-            late: meta.late,
+            late,
             partition: first.partition,
             first_offset: first.first_offset,
-        }))
+        })
     }
 
-    /// Deletes a bundle (meta, messages, due and watermark entries), after its delivery
-    /// record was acknowledged. Removing a bundle that is not stored does nothing.
+    /// A segment's bodies value, from the small cache or sled.
+    fn bodies(&self, inner: &mut Inner, partition: i32, seq: u64) -> Result<IVec, sled::Error> {
+        if let Some((_, v)) = inner.bodies.iter().find(|(s, _)| *s == seq) {
+            return Ok(v.clone());
+        }
+        let v = self.tree.get(segment::bodies_key(partition, seq))?.ok_or_else(|| corrupt("segment bodies"))?;
+        if inner.bodies.len() >= BODIES_CACHED {
+            inner.bodies.remove(0);
+        }
+        inner.bodies.push((seq, v.clone()));
+        Ok(v)
+    }
+
+    /// Deletes a bundle after its delivery record was acknowledged (one write: the pair's
+    /// `e` entry, plus the deletion of segments it leaves empty). Removing a bundle that is not
+    /// stored does nothing; removing one never begun counts as emitting it.
     pub fn remove(&self, key: &BundleKey) -> Result<(), sled::Error> {
-        let _write = self.lock();
-        let id = key.encode();
-        let Some(meta) = self.meta(&id)? else { return Ok(()) };
-        let mut b = Batch::default();
-        self.delete_bundle(&mut b, &id, &meta)?;
-        self.count_bundles(&mut b, -1)?;
-        self.tree.apply_batch(b)
+        let mut inner = self.lock()?;
+        let Some((pair, b)) = find(&inner.index, key) else { return Ok(()) };
+        let end_ms = inner.index.bundle(b).end_ms;
+        let mut batch = Batch::default();
+        for seg in inner.index.remove_bundle(b) {
+            self.delete_segment(&mut inner, seg, &mut batch);
+        }
+        let written = self.write_marker(&mut inner.index, pair, end_ms, &mut batch);
+        inner.index.release_pair(pair);
+        inner.stale |= written.is_err();
+        written
+    }
+
+    /// Writes the pair's `e` entry with `batch`: the marker moved to at least `end_ms`, and
+    /// the pair's stored bundles ending at or before it.
+    fn write_marker(&self, ix: &mut Index, pair: u32, end_ms: i64, batch: &mut Batch) -> Result<(), sled::Error> {
+        let p = ix.pair_mut(pair);
+        let marker = p.marker.map_or(end_ms, |m| m.max(end_ms));
+        p.marker = Some(marker);
+        let id = pair_id(ix.sub_name(ix.pair(pair).sub), &ix.pair(pair).chat);
+        batch.insert(tagged(b'e', &[&id]), encode_marker(marker, &ix.pending(pair)));
+        self.tree.apply_batch(std::mem::take(batch))
+    }
+
+    fn delete_segment(&self, inner: &mut Inner, seg: u32, batch: &mut Batch) {
+        if let Some(s) = inner.index.free_seg(seg) {
+            batch.remove(&segment::index_key(s.partition, s.seq));
+            batch.remove(&segment::bodies_key(s.partition, s.seq));
+            inner.bodies.retain(|(seq, _)| *seq != s.seq);
+        }
     }
 
     /// The offset of `partition` that may be committed as far as this store knows: the
@@ -288,40 +335,54 @@ impl WindowStore {
     /// The smallest first offset of any bundle of `partition` not yet removed (open, or
     /// emitted and not acknowledged); None when the partition holds no bundle.
     pub fn low_watermark(&self, partition: i32) -> Result<Option<i64>, sled::Error> {
-        let prefix = [&[b'w'][..], &(partition as u32).to_be_bytes()].concat();
-        Ok(self.tree.scan_prefix(prefix).next().transpose()?.map(|(k, _)| unord(&k[5..13])))
+        Ok(self.lock()?.index.low_watermark(partition))
     }
 
     /// Forgets a partition revoked by a rebalance (the new owner rebuilds its bundles by
-    /// replay): its bundles, its messages in bundles shared with other partitions, its
-    /// checkpoint and its settled position. Returns the number of bundles deleted.
+    /// replay): its segments, its bundles, its messages in bundles shared with other
+    /// partitions, its checkpoint and its settled position. Returns the number of bundles
+    /// deleted.
     pub fn drop_partition(&self, partition: i32) -> Result<usize, sled::Error> {
-        let _write = self.lock();
-        let prefix = [&[b'w'][..], &(partition as u32).to_be_bytes()].concat();
-        let mut b = Batch::default();
-        let mut deleted: i64 = 0;
-        for kv in self.tree.scan_prefix(prefix) {
-            let (k, _) = kv?;
-            let id = &k[13..];
-            match self.meta(id)? {
-                None => b.remove(k),
-                Some(meta) if meta.parts.iter().all(|p| p.partition == partition) => {
-                    self.delete_bundle(&mut b, id, &meta)?;
-                    deleted += 1;
-                }
-                Some(meta) => self.drop_shared(&mut b, id, meta, partition)?,
+        let mut inner = self.lock()?;
+        let ix = &mut inner.index;
+        let mut batch = Batch::default();
+        let (mut deleted, mut pairs) = (0, HashSet::new());
+        for b in 0..ix.bundles.len() as u32 {
+            let Some(open) = ix.bundles[b as usize].as_ref() else { continue };
+            if !open.parts.iter().any(|p| p.partition == partition) {
+                continue;
+            }
+            if open.parts.iter().all(|p| p.partition == partition) {
+                pairs.insert(open.pair);
+                ix.remove_bundle(b);
+                deleted += 1;
+            } else {
+                ix.drop_part(b, partition);
             }
         }
-        let moves = self.partitions.forget(&mut b, partition);
-        self.count_bundles(&mut b, -deleted)?;
-        self.tree.apply_batch(b)?;
+        let segs: Vec<u32> = ix.segs_of.get(&partition).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        for seg in segs {
+            self.delete_segment(&mut inner, seg, &mut batch);
+        }
+        let ix = &mut inner.index;
+        for &pair in &pairs {
+            if let Some(marker) = ix.pair(pair).marker {
+                let id = pair_id(ix.sub_name(ix.pair(pair).sub), &ix.pair(pair).chat);
+                batch.insert(tagged(b'e', &[&id]), encode_marker(marker, &ix.pending(pair)));
+            }
+            ix.release_pair(pair);
+        }
+        let moves = self.partitions.forget(&mut batch, partition);
+        let written = self.tree.apply_batch(batch);
+        inner.stale |= written.is_err();
+        written?;
         self.partitions.applied(moves);
-        Ok(deleted as usize)
+        Ok(deleted)
     }
 
-    /// Bundles stored (open, or emitted and not yet removed): one read, fine for a gauge.
+    /// Bundles stored (open, or emitted and not yet removed).
     pub fn open_bundles(&self) -> usize {
-        self.tree.get([b'n']).ok().flatten().map_or(0, |v| unord(&v).max(0) as usize)
+        self.lock().map_or(0, |inner| inner.index.open)
     }
 
     /// Writes everything to disk; the consumer calls it before committing a position.
@@ -329,76 +390,46 @@ impl WindowStore {
         self.tree.flush_async().await.map(|_| ())
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The lock; the index is rebuilt first if a failed write left it ahead of the tree.
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, sled::Error> {
+        let mut inner = self.inner.lock().unwrap_or_else(|poisoned| {
+            let mut inner = poisoned.into_inner();
+            inner.stale = true;
+            inner
+        });
+        if inner.stale {
+            inner.index = replay::load(&self.tree)?;
+            inner.bodies.clear();
+            inner.stale = false;
+        }
+        Ok(inner)
     }
 
-    fn meta(&self, id: &[u8]) -> Result<Option<Meta>, sled::Error> {
-        match self.tree.get(tagged(b'b', &[id]))? {
-            None => Ok(None),
-            Some(v) => Meta::decode(&v).map(Some).ok_or_else(|| corrupt("bundle meta")),
+    /// The `e` entry of a pair: its marker and the (start, end) of its bundles ending at or
+    /// before it that are stored.
+    fn marker(&self, pair_id: &[u8]) -> Result<(Option<i64>, Vec<(i64, i64)>), sled::Error> {
+        match self.tree.get(tagged(b'e', &[pair_id]))? {
+            None => Ok((None, Vec::new())),
+            Some(v) => decode_marker(&v).map(|(m, pending)| (Some(m), pending)).ok_or_else(|| corrupt("late marker")),
         }
-    }
-
-    /// The bundle `id` as this batch sees it: loaded once, then changed in memory.
-    fn slot<'s, 'a>(
-        &self,
-        slots: &'s mut HashMap<Vec<u8>, Slot<'a>>,
-        id: &[u8],
-        start_ms: i64,
-        m: &Incoming<'a>,
-    ) -> Result<&'s mut Slot<'a>, sled::Error> {
-        if !slots.contains_key(id) {
-            let slot = match self.meta(id)? {
-                Some(meta) => Slot { before: Some(meta.clone()), meta, header: None },
-                None => Slot { before: None, meta: Meta::new(start_ms, m), header: None },
-            };
-            slots.insert(id.to_vec(), slot);
-        }
-        Ok(slots.get_mut(id).expect("inserted above"))
-    }
-
-    fn delete_bundle(&self, b: &mut Batch, id: &[u8], meta: &Meta) -> Result<(), sled::Error> {
-        for kv in self.tree.scan_prefix(tagged(b'm', &[id])) {
-            b.remove(kv?.0);
-        }
-        for p in &meta.parts {
-            b.remove(wm_key(p.partition, p.first_offset, id));
-        }
-        b.remove(tagged(b'd', &[&ord(meta.close_at_ms), id]));
-        b.remove(tagged(b'x', &[id]));
-        b.remove(tagged(b'b', &[id]));
-        b.remove(tagged(b'h', &[id]));
-        Ok(())
-    }
-
-    /// Drops one partition's messages from a bundle that also holds another partition's.
-    fn drop_shared(&self, b: &mut Batch, id: &[u8], mut meta: Meta, partition: i32) -> Result<(), sled::Error> {
-        for kv in self.tree.scan_prefix(tagged(b'm', &[id])) {
-            let (k, _) = kv?;
-            let n = k.len();
-            if u32::from_be_bytes([k[n - 12], k[n - 11], k[n - 10], k[n - 9]]) as i32 == partition {
-                b.remove(k);
-            }
-        }
-        for p in meta.parts.iter().filter(|p| p.partition == partition) {
-            b.remove(wm_key(p.partition, p.first_offset, id));
-        }
-        meta.parts.retain(|p| p.partition != partition);
-        put_meta(b, id, &meta);
-        Ok(())
-    }
-
-    fn count_bundles(&self, b: &mut Batch, delta: i64) -> Result<(), sled::Error> {
-        if delta != 0 {
-            let n = self.tree.get([b'n'])?.map_or(0, |v| unord(&v));
-            b.insert(b"n", &ord(n.saturating_add(delta).max(0)));
-        }
-        Ok(())
     }
 }
 
+fn find(ix: &Index, key: &BundleKey) -> Option<(u32, u32)> {
+    let pair = ix.find_pair(&key.sub_id, &key.chat_id)?;
+    Some((pair, ix.find_bundle(pair, key.start_ms)?))
+}
+
+fn key_of(ix: &Index, b: u32) -> BundleKey {
+    let open = ix.bundle(b);
+    let pair = ix.pair(open.pair);
+    BundleKey { sub_id: ix.sub_name(pair.sub).to_owned(), chat_id: pair.chat.to_string(), start_ms: open.start_ms }
+}
+
 mod codec;
+mod index;
+mod replay;
+mod segment;
 #[cfg(test)]
 mod tests;
 

@@ -153,7 +153,7 @@ fn remove_moves_the_low_watermark() {
     s.remove(&key("s", "c", H)).unwrap();
     assert_eq!((s.open_bundles(), s.position(9).unwrap()), (0, None));
     assert!(s.due(i64::MAX, 10).unwrap().is_empty());
-    assert_eq!(s.tree.scan_prefix([b'm']).count() + s.tree.scan_prefix([b'w']).count(), 0);
+    assert_eq!(s.tree.scan_prefix([b's']).count() + s.tree.scan_prefix([b'v']).count(), 0, "no segment left");
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn drop_partition_forgets_only_that_partition() {
     let x = s.begin_emit(&key("s", "x", 0)).unwrap().unwrap();
     assert_eq!((texts(&x), x.partition, x.first_offset, x.first_ts_ms), (vec!["x1"], 1, 9, 3));
     assert_eq!(s.drop_partition(1).unwrap(), 2);
-    assert_eq!((s.open_bundles(), s.tree.len()), (0, 2), "only the late marker of `x` and the counter are left");
+    assert_eq!((s.open_bundles(), s.tree.len()), (0, 1), "only the late marker of `x` is left");
 }
 
 #[test]
@@ -218,45 +218,111 @@ fn survives_reopen() {
     assert_eq!(s.apply(&[msg("s", "a", 2, 43, 2, b"a3")]).unwrap(), [(key("s", "a", H), true)], "the late marker survived");
 }
 
-/// A join writes only its message; the bundle still reports its count, first and last
-/// times and header when loaded.
+/// An apply writes one segment (index and bodies) per partition, however many messages and
+/// bundles it holds; the bundle still reports its count, first and last times and header.
 #[test]
-fn join_writes_one_entry_and_bundle_reads_back_whole() {
+fn apply_writes_one_segment_and_bundle_reads_back_whole() {
     let (_d, s) = open();
     s.apply(&[msg("s", "a", 0, 1, 10, b"a1")]).unwrap();
     let before = s.tree.len();
-    s.apply(&[msg("s", "a", 0, 2, 5, b"a0"), msg("s", "a", 0, 3, 30, b"a2")]).unwrap();
-    assert_eq!(s.tree.len(), before + 2, "two `m` entries, no meta or index change");
+    s.apply(&[msg("s", "a", 0, 2, 5, b"a0"), msg("s", "a", 0, 3, 30, b"a2"), msg("s", "b", 0, 4, 30, b"b")]).unwrap();
+    assert_eq!(s.tree.len(), before + 2, "one segment: its index and its bodies");
     let b = s.begin_emit(&key("s", "a", 0)).unwrap().unwrap();
     assert_eq!((texts(&b), b.first_ts_ms, b.last_ts_ms), (vec!["a0", "a1", "a2"], 5, 30));
     assert_eq!((b.header.as_slice(), b.partition, b.first_offset, b.late), (HEADER, 0, 1, false));
 }
 
-/// A store written by a version with the header inside the meta (version 1) is read, and
-/// its header moves out when the meta is next written.
+/// A store of the per-message layout (version-2 and version-1 metas, one being emitted) is
+/// converted on open: its bundles stay, due again, with their messages, headers and late
+/// marker, and the old keys are gone.
 #[test]
-fn reads_version_1_metas() {
-    let (_d, s) = open();
-    s.apply(&[msg("s", "a", 0, 7, 10, b"a1")]).unwrap();
-    let id = key("s", "a", 0).encode();
-    let mut v1 = vec![1, 0];
-    for n in [H, MIN, H + MIN, 10, 10, 1] {
-        v1.extend_from_slice(&n.to_be_bytes());
+fn converts_a_store_of_the_per_message_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
+        let tree = db.tree("windows").unwrap();
+        let (a, b) = (key("s", "a", 0).encode(), key("s", "b", H).encode());
+        let meta = codec::Meta {
+            end_ms: H,
+            grace_ms: MIN,
+            close_at_ms: H + MIN,
+            late: false,
+            emitting: true,
+            parts: vec![codec::Part { partition: 0, first_offset: 7 }],
+            header: None,
+        };
+        tree.insert(tagged(b'b', &[&a]), meta.encode()).unwrap();
+        tree.insert(tagged(b'h', &[&a]), HEADER).unwrap();
+        tree.insert(tagged(b'x', &[&a]), &[]).unwrap();
+        tree.insert(tagged(b'e', &[&a[..a.len() - 8]]), &ord(H)).unwrap();
+        let mut v1 = vec![1, 1];
+        for n in [2 * H, MIN, 2 * H + MIN, H + 1, H + 2, 2] {
+            v1.extend_from_slice(&n.to_be_bytes());
+        }
+        v1.extend_from_slice(&1u16.to_be_bytes());
+        v1.extend_from_slice(&1i32.to_be_bytes());
+        v1.extend_from_slice(&9i64.to_be_bytes());
+        v1.extend_from_slice(br#"{"old":"header"}"#);
+        tree.insert(tagged(b'b', &[&b]), v1).unwrap();
+        tree.insert(tagged(b'd', &[&ord(2 * H + MIN), &b]), &[]).unwrap();
+        for (id, ts, p, o, body) in [(&a, 10, 0, 8, &b"a2"[..]), (&a, 5, 0, 7, b"a1"), (&b, H + 1, 1, 9, b"b1"), (&b, H + 2, 1, 10, b"b2")]
+        {
+            tree.insert(codec::msg_key(id, ts, p, o), body).unwrap();
+        }
+        tree.insert([b'n'], &ord(2)).unwrap();
+        db.flush_blocking().unwrap();
     }
-    v1.extend_from_slice(&1u16.to_be_bytes());
-    v1.extend_from_slice(&0i32.to_be_bytes());
-    v1.extend_from_slice(&7i64.to_be_bytes());
-    v1.extend_from_slice(br#"{"old":"header"}"#);
-    s.tree.insert(tagged(b'b', &[&id]), v1).unwrap();
-    s.tree.remove(tagged(b'h', &[&id])).unwrap();
-    assert_eq!(s.apply(&[msg("s", "a", 0, 8, 20, b"a2")]).unwrap(), [(key("s", "a", 0), false)]);
-    assert_eq!(s.due(i64::MAX, 10).unwrap(), [key("s", "a", 0)]);
-    let b = s.begin_emit(&key("s", "a", 0)).unwrap().unwrap();
-    assert_eq!((texts(&b), b.header.as_slice(), b.first_offset), (vec!["a1", "a2"], &br#"{"old":"header"}"#[..], 7));
-    assert_eq!(s.tree.get(tagged(b'h', &[&id])).unwrap().as_deref(), Some(&br#"{"old":"header"}"#[..]), "moved out");
-    assert_eq!(s.begin_emit(&key("s", "a", 0)).unwrap().unwrap().header, br#"{"old":"header"}"#);
-    s.remove(&key("s", "a", 0)).unwrap();
-    assert_eq!(s.tree.scan_prefix(tagged(b'h', &[])).count(), 0);
+    let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
+    let s = WindowStore::open(&db).unwrap();
+    assert_eq!(s.open_bundles(), 2);
+    assert_eq!(s.due(i64::MAX, 10).unwrap(), [key("s", "a", 0), key("s", "b", H)], "the one being emitted is due again");
+    let a = s.begin_emit(&key("s", "a", 0)).unwrap().unwrap();
+    assert_eq!((texts(&a), a.header.as_slice(), a.first_offset, a.end_ms), (vec!["a1", "a2"], HEADER, 7, H));
+    let b = s.begin_emit(&key("s", "b", H)).unwrap().unwrap();
+    assert_eq!((texts(&b), b.header.as_slice(), b.partition, b.late), (vec!["b1", "b2"], &br#"{"old":"header"}"#[..], 1, true));
+    assert_eq!((s.low_watermark(0).unwrap(), s.low_watermark(1).unwrap()), (Some(7), Some(9)));
+    assert_eq!(s.apply(&[msg("s", "a", 0, 11, 20, b"a3")]).unwrap(), [(key("s", "a", H), true)], "the marker is kept");
+    for tag in [b'b', b'h', b'm', b'd', b'x', b'w', b'n'] {
+        assert_eq!(s.tree.scan_prefix([tag]).count(), 0, "no `{}` key left", tag as char);
+    }
+}
+
+/// What replay must tell apart: removed bundles (their records stay in segments shared with
+/// stored ones) from bundles emitted and not yet removed, and two bundles of one key when a
+/// window was resized after the first was removed.
+#[test]
+fn reopen_keeps_exactly_the_bundles_not_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
+        let s = WindowStore::open(&db).unwrap();
+        s.apply(&[msg("s", "a", 0, 1, 0, b"a0"), msg("s", "b", 0, 2, 0, b"b0"), msg("s", "a", 0, 3, H, b"a1")]).unwrap();
+        assert_eq!(s.begin_emit(&key("s", "a", 0)).unwrap().unwrap().messages.len(), 1);
+        s.remove(&key("s", "a", 0)).unwrap();
+        s.begin_emit(&key("s", "a", H)).unwrap().unwrap();
+        // (s, c): its 1 h bundle at 0 removed, then a day-long window at 0 emitted, not removed.
+        s.apply(&[msg("s", "c", 0, 4, 5, b"c-hour")]).unwrap();
+        s.begin_emit(&key("s", "c", 0)).unwrap();
+        s.remove(&key("s", "c", 0)).unwrap();
+        let mut day = msg("s", "c", 0, 5, 2 * H, b"c-day");
+        day.windows = Windows::utc(24 * H);
+        assert_eq!(s.apply(&[day]).unwrap(), [(key("s", "c", 0), false)], "a longer window ends after the marker");
+        s.begin_emit(&key("s", "c", 0)).unwrap();
+        db.flush_blocking().unwrap();
+    }
+    let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
+    let s = WindowStore::open(&db).unwrap();
+    assert_eq!(s.due(i64::MAX, 10).unwrap(), [key("s", "b", 0), key("s", "a", H), key("s", "c", 0)]);
+    assert_eq!(texts(&s.begin_emit(&key("s", "c", 0)).unwrap().unwrap()), ["c-day"], "not the removed hour's message");
+    assert_eq!(s.low_watermark(0).unwrap(), Some(2));
+    for k in [key("s", "b", 0), key("s", "a", H), key("s", "c", 0)] {
+        s.begin_emit(&k).unwrap();
+        s.remove(&k).unwrap();
+    }
+    assert_eq!((s.open_bundles(), s.tree.scan_prefix([b's']).count()), (0, 0), "every segment deleted with its last bundle");
+    drop(s);
+    let s = WindowStore::open(&db).unwrap();
+    assert_eq!((s.open_bundles(), s.position(0).unwrap()), (0, Some(6)));
 }
 
 #[test]
