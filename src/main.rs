@@ -68,6 +68,7 @@ fn shutdown_on_signals(deadline: Duration) -> CancellationToken {
 }
 
 fn main() -> ExitCode {
+    hookd::disable_transparent_huge_pages();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

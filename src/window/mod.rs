@@ -18,8 +18,8 @@
 //!   bundle, flagged late; it is never dropped.
 //!
 //! Offsets (DESIGN section 2). The consumer of `chat.messages` owns its offsets; this stage
-//! tells it which one it may commit. Each poll batch is applied to sled in one atomic batch
-//! together with the partition's checkpoint (highest offset applied).
+//! tells it which one it may commit. Each poll batch is applied to sled in one atomic batch (one
+//! segment per partition) together with the partitions' checkpoints (highest offset applied).
 //! [`store::WindowStore::position`] is the low-watermark: the smallest first offset of any
 //! bundle not yet removed, else one past the checkpoint. The consumer must flush sled before
 //! it commits a position, or a crash could leave Kafka ahead of what sled kept. Before each
@@ -36,7 +36,7 @@
 //! - [`emit`]: a closed bundle rendered as its parts, with content-derived `webhook-id`s.
 //! - The Kafka side (routing chat messages, batched writes, emission, positions) is ingest's:
 //!   [`crate::ingest::bundles`].
-//! - [`store`]: the sled-backed window store.
+//! - [`store`]: the window store: segments in sled, an in-memory index of open bundles.
 
 pub mod calendar;
 pub mod clock;

@@ -199,7 +199,7 @@ pub async fn flush(opts: Opts) -> anyhow::Result<Vec<Row>> {
         ChatLoad { tenants: SUBSCRIPTIONS, chats_per_tenant: bundles / SUBSCRIPTIONS, per_chat: 3, base_ms: BASE_MS, span_ms: HOUR_MS / 2 };
     let bundles = load.bundles(HOUR_MS);
     let (receiver, addr) = Receiver::start()?;
-    let mut row = Row::new("flush", "bundles delivered", "bundles/s", None);
+    let mut row = Row::new("flush", "bundles delivered", "bundles/s", Some(Target::AtLeast(30_000.0)));
     for run in 0..opts.runs {
         let dir = tempfile::Builder::new().prefix("hookd-load-flush-").tempdir()?;
         let (kafka, setup) = fresh_broker(opts, dir.path()).await?;

@@ -119,6 +119,7 @@ impl Opts {
 }
 
 fn main() -> anyhow::Result<()> {
+    hookd::disable_transparent_huge_pages();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Some(Command::Serve { config }) = cli.command {

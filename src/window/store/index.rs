@@ -58,6 +58,8 @@ pub(super) struct Seg {
     pub(super) seq: u64,
     /// Records of stored bundles in it (messages and headers); at 0 it is deleted.
     pub(super) live: u32,
+    /// Its bodies chunks.
+    pub(super) chunks: u16,
 }
 
 /// The bundles due at one close time, in the order they were created; a bundle leaving it
@@ -317,6 +319,12 @@ impl Index {
         (self.add_seg_at(partition, seq), seq)
     }
 
+    pub(super) fn set_chunks(&mut self, seg: u32, chunks: u16) {
+        if let Some(s) = self.segs[seg as usize].as_mut() {
+            s.chunks = chunks;
+        }
+    }
+
     pub(super) fn seg(&self, seg: u32) -> &Seg {
         self.segs[seg as usize].as_ref().expect("a stored segment")
     }
@@ -347,7 +355,7 @@ fn alloc<T>(slab: &mut Vec<Option<T>>, free: &mut Vec<u32>, value: T) -> u32 {
 impl Index {
     /// A segment read back on open, with its own seq.
     pub(super) fn add_seg_at(&mut self, partition: i32, seq: u64) -> u32 {
-        let seg = alloc(&mut self.segs, &mut self.free_segs, Seg { partition, seq, live: 0 });
+        let seg = alloc(&mut self.segs, &mut self.free_segs, Seg { partition, seq, live: 0, chunks: 0 });
         self.segs_of.entry(partition).or_default().insert(seg);
         seg
     }

@@ -7,7 +7,8 @@
 //! is opened (`replay.rs`). Key layout, one sled tree `windows` (so a batch's segments and the
 //! partitions' checkpoints are one atomic `sled::Batch`); every number big-endian, i64 in keys
 //! with the sign bit flipped so they sort as numbers:
-//! - `s` partition seq → a segment's index, `v` partition seq → its bodies (`segment.rs`);
+//! - `s` partition seq → a segment's index, `v` partition seq chunk → its bodies in chunks
+//!   of ~6 KiB (`segment.rs`);
 //!   a segment is deleted when no stored bundle has a record in it any more, and all of a
 //!   partition's segments when it is revoked;
 //! - `e` sub chat (each u32 length + UTF-8) → the pair's late marker (end of the last window
@@ -108,9 +109,9 @@ pub struct WindowStore {
 
 struct Inner {
     index: Index,
-    /// Bodies values read last, by seq: emission reads bundles in close order, whose
+    /// Bodies chunks read last, by (seq, chunk): emission reads bundles in close order, whose
     /// messages were mostly written together.
-    bodies: Vec<(u64, IVec)>,
+    bodies: Vec<((u64, u16), IVec)>,
     /// A sled write failed after the index had changed: rebuild it before the next call.
     stale: bool,
 }
@@ -147,7 +148,10 @@ impl WindowStore {
         });
         let written = placed.and_then(|()| {
             let mut b = Batch::default();
-            writers.into_iter().for_each(|w| w.write(&mut b));
+            for w in writers {
+                inner.index.set_chunks(w.seg, w.chunk_count());
+                w.write(&mut b);
+            }
             let moves = self.partitions.advance(&mut b, batch.iter().map(|m| (m.partition, m.offset)))?;
             self.tree.apply_batch(b)?;
             self.partitions.applied(moves);
@@ -251,11 +255,13 @@ impl WindowStore {
         let locs: Vec<(Loc, i32, u64)> = open.msgs.iter().map(|l| (*l, ix.seg(l.seg).partition, ix.seg(l.seg).seq)).collect();
         let (end_ms, late) = (open.end_ms, open.late);
         let header_seg = (ix.seg(first.header.seg).partition, ix.seg(first.header.seg).seq);
-        let header = segment::header_at(&self.bodies(inner, header_seg.0, header_seg.1)?, first.header.at)?.to_vec();
+        let (chunk, at) = segment::split_at(first.header.at);
+        let header = segment::header_at(&self.bodies(inner, header_seg.0, header_seg.1, chunk)?, at)?.to_vec();
         let mut messages: Vec<(i64, i32, i64, Vec<u8>)> = Vec::with_capacity(locs.len());
         for (loc, partition, seq) in locs {
-            let bodies = self.bodies(inner, partition, seq)?;
-            let (ts, offset, body) = segment::message_at(&bodies, loc.at)?;
+            let (chunk, at) = segment::split_at(loc.at);
+            let bodies = self.bodies(inner, partition, seq, chunk)?;
+            let (ts, offset, body) = segment::message_at(&bodies, at)?;
             messages.push((ts, partition, offset, body.to_vec()));
         }
         messages.sort_unstable_by_key(|(ts, partition, offset, _)| (*ts, *partition, *offset));
@@ -276,16 +282,16 @@ impl WindowStore {
         })
     }
 
-    /// A segment's bodies value, from the small cache or sled.
-    fn bodies(&self, inner: &mut Inner, partition: i32, seq: u64) -> Result<IVec, sled::Error> {
-        if let Some((_, v)) = inner.bodies.iter().find(|(s, _)| *s == seq) {
+    /// A segment's bodies chunk, from the small cache or sled.
+    fn bodies(&self, inner: &mut Inner, partition: i32, seq: u64, chunk: u16) -> Result<IVec, sled::Error> {
+        if let Some((_, v)) = inner.bodies.iter().find(|(s, _)| *s == (seq, chunk)) {
             return Ok(v.clone());
         }
-        let v = self.tree.get(segment::bodies_key(partition, seq))?.ok_or_else(|| corrupt("segment bodies"))?;
+        let v = self.tree.get(segment::bodies_key(partition, seq, chunk))?.ok_or_else(|| corrupt("segment bodies"))?;
         if inner.bodies.len() >= BODIES_CACHED {
             inner.bodies.remove(0);
         }
-        inner.bodies.push((seq, v.clone()));
+        inner.bodies.push(((seq, chunk), v.clone()));
         Ok(v)
     }
 
@@ -319,9 +325,8 @@ impl WindowStore {
 
     fn delete_segment(&self, inner: &mut Inner, seg: u32, batch: &mut Batch) {
         if let Some(s) = inner.index.free_seg(seg) {
-            batch.remove(&segment::index_key(s.partition, s.seq));
-            batch.remove(&segment::bodies_key(s.partition, s.seq));
-            inner.bodies.retain(|(seq, _)| *seq != s.seq);
+            segment::delete(batch, &s);
+            inner.bodies.retain(|((seq, _), _)| *seq != s.seq);
         }
     }
 

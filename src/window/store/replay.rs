@@ -24,8 +24,9 @@ pub(super) fn load(tree: &Tree) -> Result<Index, sled::Error> {
         let (k, v) = kv?;
         let (partition, seq) = segment::parse_key(&k).ok_or_else(|| corrupt("segment key"))?;
         next_seq = next_seq.max(seq + 1);
-        let (rows, entries) = segment::decode_index(&v)?;
+        let segment::Decoded { chunks, rows, entries } = segment::decode_index(&v)?;
         let seg = ix.add_seg_at(partition, seq);
+        ix.set_chunks(seg, chunks);
         let mut first = vec![i64::MAX; rows.len()];
         for e in &entries {
             first[e.row as usize] = first[e.row as usize].min(e.offset);
@@ -71,8 +72,7 @@ pub(super) fn load(tree: &Tree) -> Result<Index, sled::Error> {
     let mut b = Batch::default();
     for seg in ix.empty_segs() {
         if let Some(s) = ix.free_seg(seg) {
-            b.remove(&segment::index_key(s.partition, s.seq));
-            b.remove(&segment::bodies_key(s.partition, s.seq));
+            segment::delete(&mut b, &s);
         }
     }
     tree.apply_batch(b)?;

@@ -3,8 +3,11 @@
 //!   start and, where this segment is the first to hold the bundle's messages of this
 //!   partition, its end, close time and where its header is), then one entry per message
 //!   (table row, offset, late flag, where its record is). Replay on open reads only these.
-//! - `v` partition seq → the bodies: headers (`len u32, bytes`) and message records
-//!   (`ts i64, offset i64, len u32, bytes`), found by their byte position. Emission reads these.
+//! - `v` partition seq chunk(u16) → the bodies, in chunks of about [`CHUNK`] bytes: headers
+//!   (`len u32, bytes`) and message records (`ts i64, offset i64, len u32, bytes`), found by
+//!   position (chunk << 16 | byte in chunk). Emission reads these. Chunks keep sled's values
+//!   small: a sled leaf holds up to 16 values and is rewritten whole, and one over 128 KiB
+//!   goes to a blob file of its own, so large values cost far more than their bytes.
 //!
 //! Every number is big-endian; `seq` is one counter for the whole store, so a scan of `s` is
 //! in write order within each partition.
@@ -15,12 +18,24 @@ use super::codec::{corrupt, put_str, Reader};
 
 pub(super) const VERSION: u8 = 1;
 
+/// Bodies chunk size: a record starts a new chunk when it would not fit (one larger than
+/// this is a chunk of its own).
+pub(super) const CHUNK: usize = 6 * 1024;
+
 pub(super) fn index_key(partition: i32, seq: u64) -> [u8; 13] {
     key(b's', partition, seq)
 }
 
-pub(super) fn bodies_key(partition: i32, seq: u64) -> [u8; 13] {
-    key(b'v', partition, seq)
+pub(super) fn bodies_key(partition: i32, seq: u64, chunk: u16) -> [u8; 15] {
+    let mut k = [0; 15];
+    k[..13].copy_from_slice(&key(b'v', partition, seq));
+    k[13..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+/// Chunk and byte in chunk of a record position.
+pub(super) fn split_at(at: u32) -> (u16, usize) {
+    ((at >> 16) as u16, (at & 0xffff) as usize)
 }
 
 fn key(tag: u8, partition: i32, seq: u64) -> [u8; 13] {
@@ -71,7 +86,7 @@ pub(super) struct Writer {
     row_of: HashMap<u32, u32>,
     entries: Vec<u8>,
     entry_count: u32,
-    bodies: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
 }
 
 impl Writer {
@@ -85,8 +100,23 @@ impl Writer {
             row_of: HashMap::new(),
             entries: Vec::new(),
             entry_count: 0,
-            bodies: Vec::new(),
+            chunks: Vec::new(),
         }
+    }
+
+    /// Where a record of `len` bytes goes: the last chunk, or a new one when it would not fit.
+    fn place(&mut self, len: usize) -> (u32, &mut Vec<u8>) {
+        if self.chunks.last().is_none_or(|c| !c.is_empty() && c.len() + len > CHUNK) {
+            self.chunks.push(Vec::with_capacity(len.max(CHUNK)));
+        }
+        let chunk = self.chunks.len() - 1;
+        let last = self.chunks.last_mut().expect("pushed above");
+        (((chunk as u32) << 16) | last.len() as u32, last)
+    }
+
+    /// Bodies chunks written so far.
+    pub(super) fn chunk_count(&self) -> u16 {
+        self.chunks.len() as u16
     }
 
     /// The table row of bundle `slot`, added (with `open` and its header) the first time.
@@ -105,9 +135,9 @@ impl Writer {
         put_str(&mut self.rows, chat_id);
         self.rows.extend_from_slice(&start_ms.to_be_bytes());
         let header_at = open.map(|(end_ms, close_at_ms, header)| {
-            let at = self.bodies.len() as u32;
-            self.bodies.extend_from_slice(&(header.len() as u32).to_be_bytes());
-            self.bodies.extend_from_slice(header);
+            let (at, chunk) = self.place(4 + header.len());
+            chunk.extend_from_slice(&(header.len() as u32).to_be_bytes());
+            chunk.extend_from_slice(header);
             self.rows.push(1);
             self.rows.extend_from_slice(&end_ms.to_be_bytes());
             self.rows.extend_from_slice(&close_at_ms.to_be_bytes());
@@ -125,11 +155,11 @@ impl Writer {
 
     /// Adds a message of table row `row`; returns where its record is.
     pub(super) fn message(&mut self, row: u32, ts_ms: i64, offset: i64, late: bool, body: &[u8]) -> u32 {
-        let at = self.bodies.len() as u32;
-        self.bodies.extend_from_slice(&ts_ms.to_be_bytes());
-        self.bodies.extend_from_slice(&offset.to_be_bytes());
-        self.bodies.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        self.bodies.extend_from_slice(body);
+        let (at, chunk) = self.place(20 + body.len());
+        chunk.extend_from_slice(&ts_ms.to_be_bytes());
+        chunk.extend_from_slice(&offset.to_be_bytes());
+        chunk.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        chunk.extend_from_slice(body);
         self.entries.extend_from_slice(&row.to_be_bytes());
         self.entries.extend_from_slice(&offset.to_be_bytes());
         self.entries.push(u8::from(late));
@@ -138,30 +168,40 @@ impl Writer {
         at
     }
 
-    /// Adds the segment's two values to `b`; returns how many rows carry an open record
-    /// and how many messages it holds.
+    /// Adds the segment's index and bodies chunks to `b`.
     pub(super) fn write(self, b: &mut sled::Batch) {
-        let mut index = Vec::with_capacity(9 + self.rows.len() + self.entries.len());
+        let mut index = Vec::with_capacity(11 + self.rows.len() + self.entries.len());
         index.push(VERSION);
+        index.extend_from_slice(&self.chunk_count().to_be_bytes());
         index.extend_from_slice(&self.row_count.to_be_bytes());
         index.extend_from_slice(&self.rows);
         index.extend_from_slice(&self.entry_count.to_be_bytes());
         index.extend_from_slice(&self.entries);
         b.insert(&index_key(self.partition, self.seq), index);
-        b.insert(&bodies_key(self.partition, self.seq), self.bodies);
+        for (i, chunk) in self.chunks.into_iter().enumerate() {
+            b.insert(&bodies_key(self.partition, self.seq, i as u16), chunk);
+        }
     }
 }
 
+/// A segment's index: its bodies chunk count, bundle table and messages.
+pub(super) struct Decoded {
+    pub(super) chunks: u16,
+    pub(super) rows: Vec<Row>,
+    pub(super) entries: Vec<Entry>,
+}
+
 /// Reads a segment's index.
-pub(super) fn decode_index(v: &[u8]) -> Result<(Vec<Row>, Vec<Entry>), sled::Error> {
+pub(super) fn decode_index(v: &[u8]) -> Result<Decoded, sled::Error> {
     decode(v).ok_or_else(|| corrupt("segment index"))
 }
 
-fn decode(v: &[u8]) -> Option<(Vec<Row>, Vec<Entry>)> {
+fn decode(v: &[u8]) -> Option<Decoded> {
     let mut r = Reader(v);
     if r.take(1)?[0] != VERSION {
         return None;
     }
+    let chunks = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
     let rows_len = r.u32()?;
     let mut rows = Vec::with_capacity(rows_len.min(1 << 16) as usize);
     for _ in 0..rows_len {
@@ -181,21 +221,29 @@ fn decode(v: &[u8]) -> Option<(Vec<Row>, Vec<Entry>)> {
         }
         entries.push(Entry { row, offset: r.i64()?, late: r.take(1)?[0] != 0, at: r.u32()? });
     }
-    Some((rows, entries))
+    Some(Decoded { chunks, rows, entries })
 }
 
-/// The header stored at `at` of a bodies value.
-pub(super) fn header_at(bodies: &[u8], at: u32) -> Result<&[u8], sled::Error> {
-    let mut r = Reader(bodies.get(at as usize..).ok_or_else(|| corrupt("segment header"))?);
+/// The header stored at byte `at` of a bodies chunk.
+pub(super) fn header_at(chunk: &[u8], at: usize) -> Result<&[u8], sled::Error> {
+    let mut r = Reader(chunk.get(at..).ok_or_else(|| corrupt("segment header"))?);
     r.u32().and_then(|len| r.take(len as usize)).ok_or_else(|| corrupt("segment header"))
 }
 
-/// The message record at `at` of a bodies value: (ts, offset, body).
-pub(super) fn message_at(bodies: &[u8], at: u32) -> Result<(i64, i64, &[u8]), sled::Error> {
+/// The message record at byte `at` of a bodies chunk: (ts, offset, body).
+pub(super) fn message_at(chunk: &[u8], at: usize) -> Result<(i64, i64, &[u8]), sled::Error> {
     let read = || {
-        let mut r = Reader(bodies.get(at as usize..)?);
+        let mut r = Reader(chunk.get(at..)?);
         let (ts, offset, len) = (r.i64()?, r.i64()?, r.u32()?);
         Some((ts, offset, r.take(len as usize)?))
     };
     read().ok_or_else(|| corrupt("segment message"))
+}
+
+/// Adds the deletion of a segment (index and every bodies chunk) to `b`.
+pub(super) fn delete(b: &mut sled::Batch, seg: &super::index::Seg) {
+    b.remove(&index_key(seg.partition, seg.seq));
+    for chunk in 0..seg.chunks {
+        b.remove(&bodies_key(seg.partition, seg.seq, chunk));
+    }
 }
