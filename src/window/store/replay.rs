@@ -80,7 +80,9 @@ pub(super) fn load(tree: &Tree) -> Result<Index, sled::Error> {
     Ok(ix)
 }
 
-fn read_marker(tree: &Tree, pair_id: &[u8]) -> Result<(Option<i64>, Vec<(i64, i64)>), sled::Error> {
+/// The `e` entry of a pair: its marker and the (start, end) of the stored bundles ending at
+/// or before it.
+pub(super) fn read_marker(tree: &Tree, pair_id: &[u8]) -> Result<(Option<i64>, Vec<(i64, i64)>), sled::Error> {
     match tree.get(tagged(b'e', &[pair_id]))? {
         None => Ok((None, Vec::new())),
         Some(v) => decode_marker(&v).map(|(m, c)| (Some(m), c)).ok_or_else(|| corrupt("late marker")),
