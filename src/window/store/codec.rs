@@ -114,8 +114,12 @@ impl<'a> Reader<'a> {
     }
 
     pub(super) fn string(&mut self) -> Option<String> {
+        self.str().map(str::to_owned)
+    }
+
+    pub(super) fn str(&mut self) -> Option<&'a str> {
         let len = u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize;
-        String::from_utf8(self.take(len)?.to_vec()).ok()
+        std::str::from_utf8(self.take(len)?).ok()
     }
 }
 

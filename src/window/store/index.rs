@@ -360,6 +360,10 @@ impl Index {
         seg
     }
 
+    pub(super) fn segment_count(&self) -> usize {
+        self.segs.len() - self.free_segs.len()
+    }
+
     /// Segments without a stored record.
     pub(super) fn empty_segs(&self) -> Vec<u32> {
         self.segs.iter().enumerate().filter(|(_, s)| s.as_ref().is_some_and(|s| s.live == 0)).map(|(i, _)| i as u32).collect()

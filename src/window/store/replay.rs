@@ -17,6 +17,8 @@ use super::BundleKey;
 
 /// Rebuilds the index of the store in `tree`.
 pub(super) fn load(tree: &Tree) -> Result<Index, sled::Error> {
+    let started = std::time::Instant::now();
+    let with_marker = marked_pairs(tree)?;
     let mut ix = Index::default();
     let mut covered: HashMap<u32, Vec<(i64, i64)>> = HashMap::new();
     let mut next_seq = 0;
@@ -33,11 +35,12 @@ pub(super) fn load(tree: &Tree) -> Result<Index, sled::Error> {
         }
         let mut bundle_of = Vec::with_capacity(rows.len());
         for (row, first) in rows.iter().zip(first) {
-            let pair = match ix.find_pair(&row.sub_id, &row.chat_id) {
+            let pair = match ix.find_pair(row.sub_id, row.chat_id) {
                 Some(pair) => pair,
                 None => {
-                    let (marker, cover) = read_marker(tree, &pair_id(&row.sub_id, &row.chat_id))?;
-                    let pair = ix.add_pair(&row.sub_id, &row.chat_id, marker);
+                    let id = pair_id(row.sub_id, row.chat_id);
+                    let (marker, cover) = if with_marker.contains(&hash(&id)) { read_marker(tree, &id)? } else { (None, Vec::new()) };
+                    let pair = ix.add_pair(row.sub_id, row.chat_id, marker);
                     covered.insert(pair, cover);
                     pair
                 }
@@ -77,7 +80,24 @@ pub(super) fn load(tree: &Tree) -> Result<Index, sled::Error> {
     }
     tree.apply_batch(b)?;
     ix.release_empty_pairs();
+    let ms = started.elapsed().as_millis() as u64;
+    tracing::info!(bundles = ix.open, segments = ix.segment_count(), ms, "Window store index rebuilt from its segments.");
     Ok(ix)
+}
+
+/// Hashes of the pairs that have an `e` entry, from one scan of `e` (keys only): most pairs of
+/// open bundles have none, and a scan is far cheaper than a lookup per pair.
+fn marked_pairs(tree: &Tree) -> Result<std::collections::HashSet<u64>, sled::Error> {
+    let mut set = std::collections::HashSet::new();
+    for k in tree.scan_prefix([b'e']).keys() {
+        set.insert(hash(&k?[1..]));
+    }
+    Ok(set)
+}
+
+fn hash(pair_id: &[u8]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(pair_id)
 }
 
 /// The `e` entry of a pair: its marker and the (start, end) of the stored bundles ending at

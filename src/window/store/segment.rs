@@ -60,9 +60,9 @@ pub(super) struct OpenRec {
 
 /// One row of a segment's bundle table.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Row {
-    pub(super) sub_id: String,
-    pub(super) chat_id: String,
+pub(super) struct Row<'a> {
+    pub(super) sub_id: &'a str,
+    pub(super) chat_id: &'a str,
     pub(super) start_ms: i64,
     pub(super) open: Option<OpenRec>,
 }
@@ -185,18 +185,18 @@ impl Writer {
 }
 
 /// A segment's index: its bodies chunk count, bundle table and messages.
-pub(super) struct Decoded {
+pub(super) struct Decoded<'a> {
     pub(super) chunks: u16,
-    pub(super) rows: Vec<Row>,
+    pub(super) rows: Vec<Row<'a>>,
     pub(super) entries: Vec<Entry>,
 }
 
 /// Reads a segment's index.
-pub(super) fn decode_index(v: &[u8]) -> Result<Decoded, sled::Error> {
+pub(super) fn decode_index(v: &[u8]) -> Result<Decoded<'_>, sled::Error> {
     decode(v).ok_or_else(|| corrupt("segment index"))
 }
 
-fn decode(v: &[u8]) -> Option<Decoded> {
+fn decode(v: &[u8]) -> Option<Decoded<'_>> {
     let mut r = Reader(v);
     if r.take(1)?[0] != VERSION {
         return None;
@@ -205,7 +205,7 @@ fn decode(v: &[u8]) -> Option<Decoded> {
     let rows_len = r.u32()?;
     let mut rows = Vec::with_capacity(rows_len.min(1 << 16) as usize);
     for _ in 0..rows_len {
-        let (sub_id, chat_id, start_ms) = (r.string()?, r.string()?, r.i64()?);
+        let (sub_id, chat_id, start_ms) = (r.str()?, r.str()?, r.i64()?);
         let open = match r.take(1)?[0] {
             0 => None,
             _ => Some(OpenRec { end_ms: r.i64()?, close_at_ms: r.i64()?, header_at: r.u32()? }),
