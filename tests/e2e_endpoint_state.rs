@@ -36,11 +36,11 @@ fn node(brokers: &str, topics: &Topics, url: &str) -> Node {
 async fn api(port: u16, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
     let mut req = reqwest::Client::new().request(method, format!("http://127.0.0.1:{port}{path}")).bearer_auth("t");
     if let Some(b) = body {
-        req = req.json(&b);
+        req = req.header("content-type", "application/json").body(b.to_string());
     }
     let resp = req.send().await.unwrap_or_else(|e| panic!("{path} on {port}: {e}"));
     assert!(resp.status().is_success(), "{path} on {port}: {}", resp.status());
-    resp.json().await.unwrap()
+    serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
 }
 
 async fn get(port: u16, path: &str) -> Value {
