@@ -97,7 +97,9 @@ pub async fn ensure_topics(config: &Config) -> Result<(), KafkaError> {
     let limit = limits::topic_limit_needed(config.kafka.max_message_bytes).to_string();
     let plain = [&t.crm_events, &t.chat_messages, &t.deliveries, &t.retry, &t.dlq, &t.notifications];
     let mut topics: Vec<NewTopic> = plain.iter().map(|name| NewTopic::new(name, parts, TopicReplication::Fixed(rf))).collect();
-    topics.push(NewTopic::new(&t.subscriptions, parts, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact"));
+    for compacted in [&t.subscriptions, &t.endpoint_state] {
+        topics.push(NewTopic::new(compacted, parts, TopicReplication::Fixed(rf)).set("cleanup.policy", "compact"));
+    }
     let mut topics: Vec<NewTopic> = topics.into_iter().map(|nt| nt.set("max.message.bytes", &limit)).collect();
     topics.retain(|nt| !existing.contains(nt.name));
     if topics.is_empty() {
@@ -157,16 +159,41 @@ pub struct Resumed {
     pub settled: i64,
 }
 
+/// Work a stage does inside the rebalance callback, before librdkafka applies the change:
+/// nothing is fetched from an assigned partition before [`Self::assigning`] returns, and a
+/// revoked partition is given up only after [`Self::revoking`] (the sender restores and hands
+/// over endpoint state, `endpoint::restore`). Both block the consumer's poll: keep them bounded
+/// well under `kafka.max_poll_interval_ms`.
+pub trait PartitionHooks: Send + Sync {
+    fn assigning(&self, partitions: &[(String, i32)]);
+    fn revoking(&self, partitions: &[(String, i32)]);
+}
+
 /// Consumer context that records rebalances in a [`RebalanceLog`] and, with a [`Resume`],
 /// assigns partitions at the stage's settled position when it is past the committed offset.
 pub struct TrackingContext {
     log: std::sync::Arc<RebalanceLog>,
     resume: Option<Resume>,
+    hooks: Option<std::sync::Arc<dyn PartitionHooks>>,
 }
 
 impl TrackingContext {
     pub fn new(log: std::sync::Arc<RebalanceLog>) -> Self {
-        Self { log, resume: None }
+        Self { log, resume: None, hooks: None }
+    }
+
+    /// Runs `hooks` in every rebalance, before the change is applied.
+    pub fn hooked(self, hooks: Option<std::sync::Arc<dyn PartitionHooks>>) -> Self {
+        Self { hooks, ..self }
+    }
+
+    fn run_hooks(&self, assigning: bool, tpl: &rdkafka::TopicPartitionList) {
+        let Some(hooks) = &self.hooks else { return };
+        let tps: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        match assigning {
+            true => outside_worker(|| hooks.assigning(&tps)),
+            false => outside_worker(|| hooks.revoking(&tps)),
+        }
     }
 
     /// Resumes assigned partitions where `resume` says, when that is past the committed offset.
@@ -247,6 +274,9 @@ impl rdkafka::consumer::ConsumerContext for TrackingContext {
         use rdkafka::types::RDKafkaRespErr::{
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS as ASSIGN, RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS as REVOKE,
         };
+        if err == ASSIGN || err == REVOKE {
+            self.run_hooks(err == ASSIGN, tpl);
+        }
         if err == ASSIGN {
             self.seek_past_settled(consumer, tpl);
         }

@@ -172,7 +172,8 @@ pub async fn start_with_clock(config: Config, shutdown: CancellationToken, clock
     let smallest_topic_limit = kafka::limits::check_topics(&config, &metrics).await;
     let producer = kafka::producer(&config, smallest_topic_limit)?;
     let admin_producer = deliver::publish::admin_producer(&config)?;
-    let endpoints = endpoint::EndpointStore::open(state.db())?;
+    let changelog = endpoint::restore::open_changelog(&config, producer.clone(), metrics.clone(), state.db()).await?;
+    let endpoints = endpoint::EndpointStore::open_with(state.db(), config.delivery.log_body_max_bytes, changelog)?;
     let registry = Registry::new(&config.subscription);
     let admin_tasks = tokio_util::task::TaskTracker::new();
     let ready = Ready::default();

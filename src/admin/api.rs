@@ -196,7 +196,7 @@ fn with_time<T: Serialize>(item: &T, at_ms: i64) -> serde_json::Value {
 }
 
 /// The 100 latest requests with request and response details, as one downloadable JSON file.
-#[utoipa::path(get, path = "/api/subscriptions/{id}/requests", params(("id" = String, Path)), responses((status = 200, description = "JSON file: state, activity and requests", body = Object), (status = 404, body = ApiError)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/subscriptions/{id}/requests", params(("id" = String, Path)), responses((status = 200, description = "JSON file: state, activity and requests; a request whose body or response excerpt was cut to `delivery.log_body_max_bytes` says `\"truncated\": true`", body = Object), (status = 404, body = ApiError)), security(("bearer" = [])))]
 async fn requests(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, Failure> {
     let (disposition, body) = requests_file(&s, &id)?;
     Ok(([(header::CONTENT_TYPE, "application/json".to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response())

@@ -86,6 +86,9 @@ pub struct TopicsConfig {
     pub retry: String,
     pub dlq: String,
     pub notifications: String,
+    /// Changelog of the endpoint state (compacted, as many partitions as `deliveries`): what
+    /// the instance that takes over a subscription's partition restores (`src/endpoint/changelog.rs`).
+    pub endpoint_state: String,
 }
 
 impl Default for TopicsConfig {
@@ -98,6 +101,7 @@ impl Default for TopicsConfig {
             retry: "hookd.retry".into(),
             dlq: "hookd.dlq".into(),
             notifications: "hookd.notifications".into(),
+            endpoint_state: "hookd.endpoint-state".into(),
         }
     }
 }
@@ -189,6 +193,11 @@ pub struct DeliveryConfig {
     /// written to sled in one batch. A graceful stop writes them too; `kill -9` loses at
     /// most this much of the logs (never failure counts or parked retries).
     pub log_flush_interval_ms: u64,
+    /// Longest request body and response excerpt kept in a request log entry, in bytes; a
+    /// longer one is cut (at a character boundary, `…` appended) and the entry says
+    /// `truncated: true`. Bounds the request log (100 entries per subscription) in sled and
+    /// in the changelog.
+    pub log_body_max_bytes: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -208,6 +217,7 @@ impl Default for DeliveryConfig {
             retry_after_max_secs: 3600,
             user_agent: concat!("hookd/", env!("CARGO_PKG_VERSION")).into(),
             log_flush_interval_ms: 1000,
+            log_body_max_bytes: 16 * 1024,
         }
     }
 }

@@ -62,6 +62,9 @@ impl Config {
             return Err(
                 "delivery.max_in_flight, per_subscription_concurrency, per_subscription_queue and per_subscription_rate_per_sec must be at least 1".into());
         }
+        if d.log_body_max_bytes == 0 {
+            return Err("delivery.log_body_max_bytes must be at least 1".into());
+        }
         if self.ingest.max_in_flight == 0 || self.ingest.max_record_bytes == 0 {
             return Err("ingest.max_in_flight and ingest.max_record_bytes must be at least 1".into());
         }

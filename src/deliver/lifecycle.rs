@@ -61,11 +61,14 @@ pub fn log_request(shared: &Shared, sub: &Subscription, record: &DeliveryRecord,
         status: attempt.status,
         response_headers: attempt.response_headers.clone(),
         response_body_excerpt: attempt.body_excerpt.clone(),
+        truncated: false,
         duration_ms: attempt.duration.as_millis() as u64,
         error: attempt.error.as_ref().map(|e| e.to_string()),
     };
-    if let Err(error) = shared.endpoints.push_request(&sub.id, entry) {
-        tracing::error!(%error, subscription = %sub.id, "Request log write failed.");
+    match shared.endpoints.push_request(&sub.id, entry) {
+        Ok(true) => shared.metrics.request_log_truncated.inc(),
+        Ok(false) => {}
+        Err(error) => tracing::error!(%error, subscription = %sub.id, "Request log write failed."),
     }
 }
 
@@ -227,6 +230,17 @@ pub async fn flush_logs_loop(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Err(error)) => tracing::error!(%error, "Writing the endpoint logs failed; kept in memory for the next flush."),
             Err(error) => tracing::error!(%error, "Endpoint log flush panicked."),
         }
+        flush_changelog(&shared).await;
+    }
+}
+
+/// How long a flush of the endpoint state changelog waits for Kafka's acknowledgements.
+const CHANGELOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Produces the endpoint state changes queued for the changelog (`endpoint::changelog`).
+pub async fn flush_changelog(shared: &Shared) {
+    if let Some(changelog) = shared.endpoints.changelog() {
+        changelog.flush(tokio::time::sleep(CHANGELOG_FLUSH_TIMEOUT)).await;
     }
 }
 

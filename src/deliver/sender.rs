@@ -43,7 +43,17 @@ pub async fn run(shared: Arc<Shared>, park: ParkStore, shutdown: CancellationTok
     .map_err(|e| Error::Http(e.to_string()))?;
     let group = format!("{}.sender", config.kafka.group_id);
     let resume = retry_resume(&config.topics.retry, park.clone());
-    let (consumer, log) = stage::subscribe(&shared, &group, &[&config.topics.deliveries, &config.topics.retry], resume)?;
+    let hooks = shared.endpoints.changelog().map(|changelog| {
+        let hooks = crate::endpoint::OwnerHooks {
+            store: shared.endpoints.clone(),
+            changelog: changelog.clone(),
+            deliveries: config.topics.deliveries.clone(),
+            restore_timeout: Duration::from_millis(config.kafka.max_poll_interval_ms / 2),
+        };
+        Arc::new(hooks) as Arc<dyn crate::kafka::PartitionHooks>
+    });
+    let topics = [config.topics.deliveries.as_str(), config.topics.retry.as_str()];
+    let (consumer, log) = stage::subscribe_hooked(&shared, &group, &topics, resume, hooks)?;
     let (io, joins) = stage::io();
     let http = Arc::new(http);
     let helpers = vec![
@@ -114,6 +124,13 @@ impl Step for Sender {
         let ctx = &self.ctx;
         let helpers = futures::future::join_all(std::mem::take(&mut self.helpers));
         let _ = crate::shutdown::bounded(&ctx.shared.metrics, "sender_helpers", crate::shutdown::STEP_TIMEOUT, helpers).await;
+        // The endpoint logs and state reach the changelog before the consumer leaves the group
+        // (its partitions' next owner restores from it).
+        let endpoints = ctx.shared.endpoints.clone();
+        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || endpoints.flush_logs()).await {
+            tracing::error!(%error, "Writing the endpoint logs at shutdown failed.");
+        }
+        super::lifecycle::flush_changelog(&ctx.shared).await;
         let settled = self.state.settled(ctx);
         let _ = ctx.park.flush().await;
         self.state.record_settled(ctx, settled);

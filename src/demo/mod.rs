@@ -169,6 +169,7 @@ pub async fn run(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
         &config.topics.retry,
         &config.topics.dlq,
         &config.topics.notifications,
+        &config.topics.endpoint_state,
     ] {
         mock.create_topic(t, 3, 1).with_context(|| format!("creating topic {t}"))?;
     }

@@ -102,8 +102,9 @@ impl<T: Serialize + DeserializeOwned + Clone> LogBuffer<T> {
     }
 
     /// Writes every unflushed entry and trims each touched subscription to the bound, in one
-    /// sled batch. Returns the number of entries written.
-    pub(super) fn flush(&self) -> Result<usize, sled::Error> {
+    /// sled batch, then hands each entry written to `written` (subscription, sequence, bytes).
+    /// Returns the number of entries written.
+    pub(super) fn flush(&self, written: &mut dyn FnMut(&str, u64, &[u8])) -> Result<usize, sled::Error> {
         let _f = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         let taken: Vec<(String, u64, Vec<(u64, Arc<T>)>)> = self
             .subs()
@@ -115,7 +116,7 @@ impl<T: Serialize + DeserializeOwned + Clone> LogBuffer<T> {
             return Ok(0);
         }
         let mut b = Batch::default();
-        let mut written = 0;
+        let mut stored = Vec::new();
         for (sub, next, entries) in &taken {
             let prefix = sub_key(sub);
             if let Some(cutoff) = next.checked_sub(self.bound as u64) {
@@ -126,14 +127,19 @@ impl<T: Serialize + DeserializeOwned + Clone> LogBuffer<T> {
             for (seq, value) in entries {
                 match encode(&**value) {
                     Ok(bytes) => {
-                        b.insert(seq_key(&prefix, *seq), bytes);
-                        written += 1;
+                        b.insert(seq_key(&prefix, *seq), bytes.clone());
+                        stored.push((sub.as_str(), *seq, bytes));
                     }
                     Err(error) => tracing::error!(%error, what = self.what, "Endpoint log entry not stored."),
                 }
             }
         }
         self.tree.apply_batch(b)?;
+        for (sub, seq, bytes) in &stored {
+            written(sub, *seq, bytes);
+        }
+        let count = stored.len();
+        drop(stored);
         let mut subs = self.subs();
         for (sub, _, entries) in taken {
             let Some(log) = subs.get_mut(&sub) else { continue };
@@ -142,7 +148,7 @@ impl<T: Serialize + DeserializeOwned + Clone> LogBuffer<T> {
                 log.entries.pop_front();
             }
         }
-        Ok(written)
+        Ok(count)
     }
 
     /// Drops a subscription's unflushed entries and its sequence (its sled keys are removed
@@ -212,6 +218,7 @@ mod tests {
             status: Some(200),
             response_headers: vec![],
             response_body_excerpt: String::new(),
+            truncated: false,
             duration_ms: 1,
             error: None,
         }

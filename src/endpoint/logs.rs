@@ -6,8 +6,9 @@
 
 use sled::Batch;
 
+use super::changelog::Entry;
 use super::redact::{redact_request, redact_text};
-use super::state::{clip, tagged};
+use super::state::{clip, clip_to, tagged};
 use super::{Activity, EndpointStore, RequestLog};
 
 /// Actions kept per subscription (TimelinesAI shows the 10 latest).
@@ -30,10 +31,19 @@ impl EndpointStore {
         self.activity_log.newest(sub, ACTIVITY_KEPT)
     }
 
-    /// Adds a request to the request log, redacted (headers both ways, URL, error), keeping
-    /// the 100 latest. Buffered: written to sled by [`Self::flush_logs`].
-    pub fn push_request(&self, sub: &str, r: RequestLog) -> Result<(), sled::Error> {
-        self.request_log.push(sub, redact_request(r))
+    /// Adds a request to the request log, redacted (headers both ways, URL, error), its
+    /// request body and response excerpt cut to `delivery.log_body_max_bytes` (then marked
+    /// `truncated`), keeping the 100 latest. Buffered: written to sled by [`Self::flush_logs`].
+    /// Returns whether a body was cut.
+    pub fn push_request(&self, sub: &str, mut r: RequestLog) -> Result<bool, sled::Error> {
+        let cut = r.request_body.len() > self.body_cap || r.response_body_excerpt.len() > self.body_cap;
+        if cut {
+            r.request_body = clip_to(&r.request_body, self.body_cap);
+            r.response_body_excerpt = clip_to(&r.response_body_excerpt, self.body_cap);
+            r.truncated = true;
+        }
+        self.request_log.push(sub, redact_request(r))?;
+        Ok(cut)
     }
 
     /// The request log, newest first, at most 100.
@@ -48,9 +58,12 @@ impl EndpointStore {
     }
 
     /// Writes the buffered activity and request log entries and success times to sled, one
-    /// batch per tree. Returns the number of log entries written.
+    /// batch per tree, and queues them for the changelog (owned subscriptions). Returns the
+    /// number of log entries written.
     pub fn flush_logs(&self) -> Result<usize, sled::Error> {
-        let n = self.request_log.flush()? + self.activity_log.flush()?;
+        let requests = self.request_log.flush(&mut |sub, seq, bytes| self.log_change(sub, || Entry::Request(seq, bytes.to_vec())))?;
+        let activity = self.activity_log.flush(&mut |sub, seq, bytes| self.log_change(sub, || Entry::Activity(seq, bytes.to_vec())))?;
+        let n = requests + activity;
         self.flush_successes()?;
         Ok(n)
     }
@@ -69,6 +82,7 @@ impl EndpointStore {
         b.insert(failed_key(sub, at_ms, delivery_id.as_bytes()), record);
         b.insert(index_key(sub, delivery_id.as_bytes()), &ord(at_ms));
         let prefix = tagged(b'f', sub);
+        let mut dropped = Vec::new();
         if count > FAILED_KEPT as u64 {
             for k in self.failed.scan_prefix(&prefix).keys() {
                 let k = k?;
@@ -76,6 +90,7 @@ impl EndpointStore {
                     continue;
                 }
                 b.remove(index_key(sub, &k[prefix.len() + 8..]));
+                dropped.push(String::from_utf8_lossy(&k[prefix.len() + 8..]).into_owned());
                 b.remove(k);
                 count -= 1;
                 if count <= FAILED_KEPT as u64 {
@@ -84,7 +99,12 @@ impl EndpointStore {
             }
         }
         b.insert(tagged(b'n', sub), &count.to_be_bytes());
-        self.failed.apply_batch(b)
+        self.failed.apply_batch(b)?;
+        self.log_change(sub, || Entry::Failed { at_ms, id: delivery_id.to_string(), record: record.to_vec() });
+        for id in dropped {
+            self.log_removal(sub, || super::changelog::failed_key(sub, &id));
+        }
+        Ok(())
     }
 
     /// Failed deliveries at or after `since_ms`, oldest first: (delivery id, time, record).
@@ -132,6 +152,7 @@ impl EndpointStore {
             n => b.insert(tagged(b'n', sub), &n.to_be_bytes()),
         }
         self.failed.apply_batch(b)?;
+        self.log_removal(sub, || super::changelog::failed_key(sub, delivery_id));
         Ok(true)
     }
 
@@ -140,14 +161,14 @@ impl EndpointStore {
     }
 }
 
-fn failed_key(sub: &str, at_ms: i64, delivery_id: &[u8]) -> Vec<u8> {
+pub(super) fn failed_key(sub: &str, at_ms: i64, delivery_id: &[u8]) -> Vec<u8> {
     let mut k = tagged(b'f', sub);
     k.extend_from_slice(&ord(at_ms));
     k.extend_from_slice(delivery_id);
     k
 }
 
-fn index_key(sub: &str, delivery_id: &[u8]) -> Vec<u8> {
+pub(super) fn index_key(sub: &str, delivery_id: &[u8]) -> Vec<u8> {
     let mut k = tagged(b'i', sub);
     k.extend_from_slice(delivery_id);
     k
@@ -160,7 +181,7 @@ fn be_u64(b: &[u8]) -> u64 {
 }
 
 /// Big-endian with the sign bit flipped: keys sort as the numbers do.
-fn ord(v: i64) -> [u8; 8] {
+pub(super) fn ord(v: i64) -> [u8; 8] {
     ((v as u64) ^ (1 << 63)).to_be_bytes()
 }
 
@@ -198,6 +219,7 @@ pub(super) mod tests {
             status: Some(500),
             response_headers: vec![("set-cookie".into(), "sid=1".into())],
             response_body_excerpt: "err".into(),
+            truncated: false,
             duration_ms: 5,
             error: None,
         }
@@ -237,6 +259,28 @@ pub(super) mod tests {
         assert_eq!(values, ["[redacted]", "[redacted]", "v1,sig"]);
         assert_eq!(r.response_headers[0].1, "[redacted]");
         assert_eq!(r.request_body, r#"{"n":100}"#, "bodies kept as sent");
+    }
+
+    #[test]
+    fn bodies_over_the_cap_are_cut_and_marked_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let s = EndpointStore::open_with(&db, 8, None).unwrap();
+        assert!(!s.push_request("a", RequestLog { request_body: "12345678".into(), ..request("short", 1) }).unwrap(), "at the cap: kept");
+        let long = RequestLog { request_body: "ééééé-and-more".into(), response_body_excerpt: "x".repeat(9), ..request("long", 2) };
+        assert!(s.push_request("a", long).unwrap());
+        s.flush_logs().unwrap();
+        let logged = s.requests("a").unwrap();
+        assert_eq!((logged[0].request_body.as_str(), logged[0].response_body_excerpt.as_str()), ("éééé…", "xxxxxxxx…"));
+        assert!(logged[0].truncated && !logged[1].truncated);
+        assert_eq!(logged[1].request_body, "12345678");
+        let json = serde_json::to_value(&logged[0]).unwrap();
+        assert_eq!(json["truncated"], true, "shown in the admin API's JSON");
+        let old: RequestLog = serde_json::from_value(serde_json::json!({"at_ms": 1, "delivery_id": "d", "attempt": 1, "method": "POST",
+            "url": "u", "request_headers": [], "request_body": "", "status": null, "response_headers": [],
+            "response_body_excerpt": "", "duration_ms": 0, "error": null}))
+        .unwrap();
+        assert!(!old.truncated, "entries stored before the cap read as not truncated");
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //!
 //! Who owns it: the sender instance that owns the subscription's partition of
 //! `hookd.deliveries` / `hookd.retry` (both are keyed by subscription id, so one instance
-//! sends all of a subscription's requests). When a partition moves to another instance, the
-//! new owner starts from what its own sled holds; the logs are a debugging aid, not a source
-//! of truth, and the subscription's enabled flag lives in `hookd.subscriptions`.
+//! sends all of a subscription's requests). Sled is its local copy; the compacted changelog
+//! topic `topics.endpoint_state` is the truth: the owner's changes are written to it with the
+//! log flush ([`changelog`]), and an instance a partition moves to restores the partition's
+//! subscriptions from it before it sends for them ([`restore`]). The subscription's enabled
+//! flag and disabled reason live in `hookd.subscriptions`.
 //!
 //! Key layout: see [`EndpointStore`]. Every subscription id in a key is length-prefixed
 //! (u32 BE length, then UTF-8), so no id's keys can be the prefix of another's (`a`, `ab`).
@@ -23,17 +25,21 @@
 //! and clone it.
 
 mod buffer;
+pub mod changelog;
 mod logs;
 pub mod redact;
+pub mod restore;
 mod state;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+pub use changelog::{partition_for, Changelog};
 pub use logs::{ACTIVITY_KEPT, FAILED_KEPT, REQUESTS_KEPT};
 pub use redact::{redact_headers, redact_text, redact_url};
-pub use state::{clip_to, EndpointStore};
+pub use restore::{OwnerHooks, RestoreError, Restored};
+pub use state::{clip_to, EndpointStore, DEFAULT_BODY_CAP};
 
 /// What hookd knows about a subscription's endpoint; the default when nothing was recorded.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -107,6 +113,10 @@ pub struct RequestLog {
     pub duration_ms: u64,
     /// Transport error (timeout, connection refused, ...), URLs in it redacted.
     pub error: Option<String>,
+    /// The request body or the response excerpt was longer than `delivery.log_body_max_bytes`
+    /// and is cut to it (entries stored before the cap existed read as `false`).
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// Short hex SHA-256 of (url, validation key): tells whether a verified endpoint changed.
@@ -203,6 +213,7 @@ mod tests {
             status: Some(500),
             response_headers: vec![],
             response_body_excerpt: "oops".into(),
+            truncated: false,
             duration_ms: 12,
             error: None,
         };

@@ -265,6 +265,7 @@ mod tests {
             status: None,
             response_headers: h(&[("Set-Cookie", "sid=9")]),
             response_body_excerpt: String::new(),
+            truncated: false,
             duration_ms: 3,
             error: Some("timeout for url (https://h.example/?token=t)".into()),
         };

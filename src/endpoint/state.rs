@@ -9,12 +9,16 @@ use serde::Serialize;
 use sled::{Batch, Tree};
 
 use super::buffer::LogBuffer;
+use super::changelog::{state_key, Entry, SharedChangelog};
 use super::logs::{ACTIVITY_KEPT, REQUESTS_KEPT};
 use super::redact::redact_text;
 use super::{Activity, EndpointState, RequestLog, Verification};
 
 /// Longest error text kept in the state, in bytes (a receiver's error page can be large).
 const MAX_ERROR_BYTES: usize = 2048;
+
+/// `delivery.log_body_max_bytes`' default: the longest body kept in a request log entry.
+pub const DEFAULT_BODY_CAP: usize = 16 * 1024;
 
 /// Per-subscription endpoint state, activity log, request log and failed deliveries.
 ///
@@ -37,6 +41,10 @@ pub struct EndpointStore {
     /// Serialises read-modify-write (failure counts, bounds) and holds the success times not
     /// yet written.
     write: Arc<Mutex<Behind>>,
+    /// Where the changes of the subscriptions this instance owns also go (`changelog.rs`).
+    pub(super) changelog: Option<SharedChangelog>,
+    /// `delivery.log_body_max_bytes`.
+    pub(super) body_cap: usize,
 }
 
 /// What a success changes when the stored failure count is 0 already: only the time of the
@@ -54,13 +62,42 @@ pub(super) struct Behind {
 impl EndpointStore {
     /// Opens (creating if needed) the four trees in `db`. Open once per database and clone.
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Self::open_with(db, DEFAULT_BODY_CAP, None)
+    }
+
+    /// [`Self::open`] with request log bodies cut to `body_cap` bytes and, when given, the
+    /// changelog the owned subscriptions' changes are written to.
+    pub fn open_with(db: &sled::Db, body_cap: usize, changelog: Option<SharedChangelog>) -> Result<Self, sled::Error> {
         Ok(Self {
+            changelog,
+            body_cap: body_cap.max(1),
             state: db.open_tree("endpoint_state")?,
             activity_log: Arc::new(LogBuffer::new(db.open_tree("activity")?, ACTIVITY_KEPT, "activity")),
             request_log: Arc::new(LogBuffer::new(db.open_tree("requests")?, REQUESTS_KEPT, "request log")),
             failed: db.open_tree("failed")?,
             write: Arc::new(Mutex::new(Behind::default())),
         })
+    }
+
+    /// The changelog, when the store has one.
+    pub fn changelog(&self) -> Option<&SharedChangelog> {
+        self.changelog.as_ref()
+    }
+
+    /// Queues an entry of `sub` for the changelog when this instance owns `sub` (`entry` is
+    /// only built then).
+    pub(super) fn log_change(&self, sub: &str, entry: impl FnOnce() -> Entry) {
+        if let Some(c) = self.changelog.as_ref().filter(|c| c.owns(sub)) {
+            let e = entry();
+            c.queue(sub, e.key(sub), Some(e.encode(sub)));
+        }
+    }
+
+    /// Queues a tombstone for `key` of `sub` when this instance owns `sub`.
+    pub(super) fn log_removal(&self, sub: &str, key: impl FnOnce() -> String) {
+        if let Some(c) = self.changelog.as_ref().filter(|c| c.owns(sub)) {
+            c.queue(sub, key(), None);
+        }
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Behind> {
@@ -87,7 +124,9 @@ impl EndpointStore {
             st.last_success_at_ms = st.last_success_at_ms.max(Some(at));
         }
         let r = f(&mut st);
-        self.state.insert(sub_key(sub), encode(&st)?)?;
+        let bytes = encode(&st)?;
+        self.state.insert(sub_key(sub), bytes.clone())?;
+        self.log_change(sub, || Entry::State(bytes));
         if st.consecutive_failures == 0 {
             w.zero.insert(sub.to_owned());
         } else {
@@ -103,12 +142,19 @@ impl EndpointStore {
             return Ok(());
         }
         let mut b = Batch::default();
+        let mut changed = Vec::new();
         for (sub, at) in w.success_at.drain() {
             let mut st = self.stored(&sub)?;
             st.last_success_at_ms = st.last_success_at_ms.max(Some(at));
-            b.insert(sub_key(&sub), encode(&st)?);
+            let bytes = encode(&st)?;
+            b.insert(sub_key(&sub), bytes.clone());
+            changed.push((sub, bytes));
         }
-        self.state.apply_batch(b)
+        self.state.apply_batch(b)?;
+        for (sub, bytes) in changed {
+            self.log_change(&sub, || Entry::State(bytes));
+        }
+        Ok(())
     }
 
     /// A request succeeded now: the failure count goes back to 0.
@@ -161,8 +207,26 @@ impl EndpointStore {
         self.update(sub, |st| st.verification = Some(v))
     }
 
-    /// The subscription was deleted: drops its state, logs and failed deliveries.
+    /// The subscription was deleted: drops its state, logs and failed deliveries, here and in
+    /// the changelog (tombstones for every slot).
     pub fn forget(&self, sub: &str) -> Result<(), sled::Error> {
+        if self.changelog.as_ref().is_some_and(|c| c.owns(sub)) {
+            for (id, _, _) in self.failed_since(sub, i64::MIN)? {
+                self.log_removal(sub, || super::changelog::failed_key(sub, &id));
+            }
+            self.log_removal(sub, || state_key(sub));
+            for seq in 0..ACTIVITY_KEPT.max(REQUESTS_KEPT) as u64 {
+                if seq < ACTIVITY_KEPT as u64 {
+                    self.log_removal(sub, || Entry::Activity(seq, Vec::new()).key(sub));
+                }
+                self.log_removal(sub, || Entry::Request(seq, Vec::new()).key(sub));
+            }
+        }
+        self.forget_local(sub)
+    }
+
+    /// [`Self::forget`] in the local store only (a restore replaces what it held).
+    pub(super) fn forget_local(&self, sub: &str) -> Result<(), sled::Error> {
         let mut w = self.lock();
         w.success_at.remove(sub);
         w.zero.remove(sub);

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::offsets::Tp;
-use super::{RebalanceLog, Resume, TrackedConsumer, TrackingContext};
+use super::{PartitionHooks, RebalanceLog, Resume, TrackedConsumer, TrackingContext};
 use crate::{Error, Shared};
 
 /// What a stage's tasks need to report back: where to spawn, where to send their results, and
@@ -86,8 +86,19 @@ pub trait Step {
 /// A consumer of `group` subscribed to `topics` whose rebalances go to the returned log and
 /// whose assigned partitions resume where `resume` says.
 pub fn subscribe(shared: &Shared, group: &str, topics: &[&str], resume: Resume) -> Result<(TrackedConsumer, Arc<RebalanceLog>), Error> {
+    subscribe_hooked(shared, group, topics, resume, None)
+}
+
+/// [`subscribe`] with [`PartitionHooks`] run in each rebalance.
+pub fn subscribe_hooked(
+    shared: &Shared,
+    group: &str,
+    topics: &[&str],
+    resume: Resume,
+    hooks: Option<Arc<dyn PartitionHooks>>,
+) -> Result<(TrackedConsumer, Arc<RebalanceLog>), Error> {
     let log = Arc::new(RebalanceLog::default());
-    let context = TrackingContext::new(log.clone()).resuming(resume);
+    let context = TrackingContext::new(log.clone()).resuming(resume).hooked(hooks);
     let consumer: StreamConsumer<TrackingContext> = super::consumer_config(&shared.config, group).create_with_context(context)?;
     consumer.subscribe(topics)?;
     Ok((consumer, log))

@@ -188,6 +188,7 @@ mod tests {
             status: None,
             response_headers: vec![],
             response_body_excerpt: String::new(),
+            truncated: false,
             duration_ms: 1,
             error: None,
         };

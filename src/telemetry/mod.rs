@@ -14,7 +14,7 @@ pub mod events;
 
 pub use events::{Event, StateError, StateOp, Store};
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Every metric hookd exports.
 #[derive(Clone)]
@@ -103,6 +103,19 @@ pub struct Metrics {
     /// Failed sled operations of the state layer, by `store` (windows, retry, endpoints) and
     /// `op` ([`events::StateError`]); each is also an error log line.
     pub state_errors: IntCounterVec,
+    /// Endpoint state changes for the changelog topic, by `outcome`: written (acknowledged),
+    /// failed (not written; queued again unless Kafka refused it for good; also a log line).
+    pub endpoint_changelog: IntCounterVec,
+    /// Restores of endpoint state from the changelog on assignment, by `outcome` (ok, failed).
+    pub endpoint_restores: IntCounterVec,
+    /// Changelog records read by restores.
+    pub endpoint_restored_records: IntCounter,
+    /// How long a restore took (histogram).
+    pub endpoint_restore_duration: Histogram,
+    /// Deliveries partitions whose endpoint state this instance owns (writes to the changelog).
+    pub endpoint_partitions: IntGauge,
+    /// Request log entries whose body was cut to `delivery.log_body_max_bytes`.
+    pub request_log_truncated: IntCounter,
 }
 
 fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
@@ -121,6 +134,12 @@ fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounte
 
 fn histogram(reg: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+    reg.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+fn plain_histogram(reg: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
     reg.register(Box::new(h.clone())).expect("metric registered once");
     h
 }
@@ -191,6 +210,30 @@ impl Metrics {
             kafka_errors: counter(&r, "hookd_kafka_errors_total", "Kafka client errors ridden out (logged), by stage", &["stage"]),
             shutdown_overruns: counter(&r, "hookd_shutdown_overruns_total", "Stop steps left unfinished after their bound", &["step"]),
             state_errors: counter(&r, "hookd_state_errors_total", "Failed state store operations, by store and op", &["store", "op"]),
+            endpoint_changelog: counter(
+                &r,
+                "hookd_endpoint_changelog_records_total",
+                "Endpoint state changes for the changelog topic",
+                &["outcome"],
+            ),
+            endpoint_restores: counter(&r, "hookd_endpoint_restores_total", "Endpoint state restores from the changelog", &["outcome"]),
+            endpoint_restored_records: int_counter(
+                &r,
+                "hookd_endpoint_restored_records_total",
+                "Changelog records read by endpoint state restores",
+            ),
+            endpoint_restore_duration: plain_histogram(
+                &r,
+                "hookd_endpoint_restore_seconds",
+                "Duration of an endpoint state restore",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            endpoint_partitions: gauge(
+                &r,
+                "hookd_endpoint_state_partitions",
+                "Deliveries partitions whose endpoint state this instance owns",
+            ),
+            request_log_truncated: int_counter(&r, "hookd_request_log_truncated_total", "Request log entries with a body cut to the cap"),
             registry: r,
         };
         m.init_series();
@@ -224,6 +267,8 @@ impl Metrics {
         touch(&self.admin_requests, &["ok", "unauthorized", "bad_request", "not_found", "unavailable", "error"]);
         touch(&self.portal_requests, &["ok", "unauthorized", "forbidden", "not_found", "bad_request", "unavailable", "error"]);
         touch(&self.kafka_errors, &["ingest", "sender", "subscriptions", "close"]);
+        touch(&self.endpoint_changelog, &["written", "failed"]);
+        touch(&self.endpoint_restores, &["ok", "failed"]);
         touch(&self.shutdown_overruns, &["ingest", "sender", "sender_helpers", "admin_server", "owner_emails"]);
         for store in Store::ALL {
             for op in StateOp::ALL {

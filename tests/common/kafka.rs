@@ -173,19 +173,25 @@ impl Topics {
         for (key, topic) in keys.iter().zip(super::TOPICS) {
             out.push_str(&format!("{key} = \"{}\"\n", self.name(topic)));
         }
+        out.push_str(&format!("endpoint_state = \"{}\"\n", self.name(super::CHANGELOG)));
         out
     }
 
-    /// Creates the seven topics with `partitions` each (subscriptions compacted), with the
-    /// `max.message.bytes` hookd gives the topics it creates (`kafka.max_message_bytes` + 61).
+    /// Creates the seven topics and the endpoint state changelog with `partitions` each
+    /// (subscriptions and the changelog compacted), with the `max.message.bytes` hookd gives
+    /// the topics it creates (`kafka.max_message_bytes` + 61).
     pub fn create(&self, bootstrap: &str, partitions: i32) {
         const LIMIT: (&str, &str) = ("max.message.bytes", "2097213");
-        let names = self.all();
+        let mut names = self.all();
+        names.push(self.name(super::CHANGELOG));
         let specs: Vec<TopicSpec<'_>> = names
             .iter()
             .map(|n| {
-                let config: &[(&str, &str)] =
-                    if n.ends_with("hookd.subscriptions") { &[("cleanup.policy", "compact"), LIMIT] } else { &[LIMIT] };
+                let config: &[(&str, &str)] = if n.ends_with("hookd.subscriptions") || n.ends_with(super::CHANGELOG) {
+                    &[("cleanup.policy", "compact"), LIMIT]
+                } else {
+                    &[LIMIT]
+                };
                 (n.as_str(), partitions, config)
             })
             .collect();

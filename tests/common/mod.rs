@@ -26,10 +26,13 @@ use tokio_util::sync::CancellationToken;
 pub const TOPICS: [&str; 7] =
     ["crm.events", "chat.messages", "hookd.subscriptions", "hookd.deliveries", "hookd.retry", "hookd.dlq", "hookd.notifications"];
 
-/// An in-process broker with hookd's topics (3 partitions each).
+/// The endpoint state changelog (not in [`TOPICS`]: a topic hookd reads only on assignment).
+pub const CHANGELOG: &str = "hookd.endpoint-state";
+
+/// An in-process broker with hookd's topics and the endpoint state changelog (3 partitions each).
 pub fn mock_broker() -> (MockCluster<'static, DefaultProducerContext>, String) {
     let mock = MockCluster::new(1).expect("mock cluster");
-    for t in TOPICS {
+    for t in TOPICS.into_iter().chain([CHANGELOG]) {
         mock.create_topic(t, 3, 1).expect("create topic");
     }
     let brokers = mock.bootstrap_servers();
