@@ -26,7 +26,7 @@ use crate::deliver::record::{webhook_id, DeliveryRecord};
 use crate::kafka::offsets::{OffsetTracker, Tp};
 use crate::kafka::SourceRef;
 use crate::render::timelines::{self, Summary};
-use crate::route::subscription::Source;
+use crate::route::subscription::{Source, Subscription};
 use crate::telemetry::{StateError, StateOp, Store};
 use crate::window::calendar::Windows;
 use crate::window::clock::Clock;
@@ -40,46 +40,70 @@ pub const PART_HEADER: &str = "hookd-bundle-part";
 
 /// A message's aggregated part, waiting for the next store batch.
 pub struct Pending {
-    sub_id: String,
-    chat_id: String,
+    sub: Arc<Subscription>,
     partition: i32,
     offset: i64,
     ts_ms: i64,
     windows: Windows,
-    message: Arc<[u8]>,
-    header: Arc<[u8]>,
+    stored: Arc<Stored>,
+}
+
+/// What the window store keeps of one message, written once and shared by its parts: the
+/// message object, then the bundle header, then the chat id, in one buffer.
+struct Stored {
+    bytes: Vec<u8>,
+    header: usize,
+    chat_id: usize,
+}
+
+impl Stored {
+    fn of(m: &ChatMessage<'_>) -> Self {
+        let mut bytes = Vec::with_capacity(640 + m.text.len() + m.chat_id.len());
+        let header = timelines::write_stored(m, &mut bytes);
+        let chat_id = bytes.len();
+        bytes.extend_from_slice(m.chat_id.as_bytes());
+        Self { bytes, header, chat_id }
+    }
+
+    fn message(&self) -> &[u8] {
+        &self.bytes[..self.header]
+    }
+
+    fn header(&self) -> &[u8] {
+        &self.bytes[self.header..self.chat_id]
+    }
+
+    fn chat_id(&self) -> &str {
+        std::str::from_utf8(&self.bytes[self.chat_id..]).expect("copied from a str")
+    }
 }
 
 /// Builds the bundle parts of one decoded message: the stored message and bundle header
 /// are serialised once, on the first aggregating subscription, and shared by the others.
-pub struct Parts<'m> {
-    m: &'m ChatMessage,
+pub struct Parts<'m, 'a> {
+    m: &'m ChatMessage<'a>,
     partition: i32,
     offset: i64,
-    header: Option<Arc<[u8]>>,
-    message: Option<Arc<[u8]>>,
+    stored: Option<Arc<Stored>>,
     pub parts: Vec<Pending>,
 }
 
-impl<'m> Parts<'m> {
-    pub fn new(m: &'m ChatMessage, partition: i32, offset: i64) -> Self {
-        Self { m, partition, offset, header: None, message: None, parts: Vec::new() }
+impl<'m, 'a> Parts<'m, 'a> {
+    pub fn new(m: &'m ChatMessage<'a>, partition: i32, offset: i64) -> Self {
+        Self { m, partition, offset, stored: None, parts: Vec::new() }
     }
 
-    /// Adds the message's part for aggregating subscription `sub_id` with its `windows`.
-    pub fn push(&mut self, sub_id: &str, windows: Windows) {
+    /// Adds the message's part for aggregating subscription `sub` with its `windows`.
+    pub fn push(&mut self, sub: &Arc<Subscription>, windows: Windows) {
         let m = self.m;
-        let header = self.header.get_or_insert_with(|| Arc::from(timelines::header_bytes(m))).clone();
-        let message = self.message.get_or_insert_with(|| Arc::from(timelines::message_bytes(m))).clone();
+        let stored = self.stored.get_or_insert_with(|| Arc::new(Stored::of(m))).clone();
         self.parts.push(Pending {
-            sub_id: sub_id.to_string(),
-            chat_id: m.chat_id.clone(),
+            sub: sub.clone(),
             partition: self.partition,
             offset: self.offset,
             ts_ms: m.timestamp_ms(),
             windows,
-            message,
-            header,
+            stored,
         });
     }
 }
@@ -89,15 +113,15 @@ pub fn apply_parts(store: &WindowStore, parts: &[Pending], grace_ms: i64) -> Res
     let batch: Vec<Incoming<'_>> = parts
         .iter()
         .map(|p| Incoming {
-            sub_id: &p.sub_id,
-            chat_id: &p.chat_id,
+            sub_id: &p.sub.id,
+            chat_id: p.stored.chat_id(),
             partition: p.partition,
             offset: p.offset,
             ts_ms: p.ts_ms,
             windows: p.windows,
             grace_ms,
-            message: &p.message,
-            header: &p.header,
+            message: p.stored.message(),
+            header: p.stored.header(),
         })
         .collect();
     store.apply(&batch)
@@ -118,20 +142,19 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
         shared.metrics.chat_skipped.with_label_values(&["attachments"]).inc();
         return (work, Vec::new());
     }
-    let event_type = format!("message.{}", m.direction);
     let index = shared.registry.index();
     let applied = store.checkpoint(work.tp.1).ok().flatten();
     let now = shared.clock.now_ms();
     let source = work.source();
     let (mut single, mut parts) = (None, Parts::new(&m, work.tp.1, work.offset));
-    for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
+    for sub in index.matching(&m.tenant, Source::Chat, m.direction.event_type()) {
         match Windows::of(sub) {
             None => {
                 let body = single.get_or_insert_with(|| timelines::single_payload(&m)).clone();
                 let record = chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone());
                 work.deliveries.push((sub.id.clone(), record.encode()));
             }
-            Some(windows) if applied.is_none_or(|c| work.offset > c) => parts.push(&sub.id, windows),
+            Some(windows) if applied.is_none_or(|c| work.offset > c) => parts.push(sub, windows),
             Some(_) => {} // already in the window store (offset <= its checkpoint)
         }
     }

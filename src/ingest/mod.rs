@@ -21,6 +21,7 @@ pub mod bundles;
 pub mod chat;
 mod emission;
 pub mod event;
+pub mod json;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
