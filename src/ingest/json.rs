@@ -45,9 +45,14 @@ const SMALL: usize = 16;
 const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
 
 impl<'a> Json<'a> {
-    /// Parses one JSON document as `serde_json::from_slice::<Value>` would.
+    /// Parses one JSON document as `serde_json::from_slice::<Value>` would. The record is
+    /// checked for UTF-8 once, as a whole, so that the parser need not check each string
+    /// again; one that is not UTF-8 takes `from_slice`, whose error says where.
     pub fn parse(bytes: &'a [u8]) -> serde_json::Result<Self> {
-        serde_json::from_slice(bytes)
+        match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(bytes),
+        }
     }
 
     pub fn is_null(&self) -> bool {
@@ -308,11 +313,11 @@ mod tests {
     #[test]
     fn refuses_what_value_refuses_with_its_message() {
         for doc in ["", "{", r#"{"a":}"#, r#"{"a":1,}"#, "[1,]", r#"{"a":1e400}"#, r#"{"a":"\x"}"#, "{} x", r#"{"a":"\ud800"}"#] {
-            let want = serde_json::from_str::<Value>(doc).unwrap_err().to_string();
+            let want = serde_json::from_slice::<Value>(doc.as_bytes()).unwrap_err().to_string();
             assert_eq!(Json::parse(doc.as_bytes()).unwrap_err().to_string(), want, "{doc}");
         }
         let deep = "[".repeat(200) + &"]".repeat(200);
-        let want = serde_json::from_str::<Value>(&deep).unwrap_err().to_string();
+        let want = serde_json::from_slice::<Value>(deep.as_bytes()).unwrap_err().to_string();
         assert_eq!(Json::parse(deep.as_bytes()).unwrap_err().to_string(), want);
         let bad_utf8 = b"{\"a\":\"\xff\"}";
         let want = serde_json::from_slice::<Value>(bad_utf8).unwrap_err().to_string();

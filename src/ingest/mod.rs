@@ -22,6 +22,7 @@ pub mod chat;
 mod emission;
 pub mod event;
 pub mod json;
+mod parts;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -11,13 +11,15 @@
 //! and the layer goes when the reader reads the same value back. Until then an older record
 //! of the topic read in between cannot make a disabled subscription look enabled again.
 
+pub mod filter;
 pub mod reader;
 pub mod subscription;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use subscription::{EventFilter, Source, Subscription};
+use filter::EventFilter;
+use subscription::{Source, Subscription};
 
 /// A read-only snapshot of the subscriptions.
 #[derive(Debug, Default)]
