@@ -10,7 +10,7 @@ use hookd::ingest::chat::ChatMessage;
 use hookd::render::timelines::{bundle_payload, message_object, BundleHeader, Summary};
 use serde_json::json;
 
-fn message(i: i64) -> ChatMessage {
+fn message(i: i64) -> ChatMessage<'static> {
     let record = json!({
         "id": format!("msg-{i}"), "tenant": "ws-10010", "direction": if i % 2 == 0 { "sent" } else { "received" },
         "timestamp": 1_614_183_929_000_i64 + i * 30_000,
@@ -23,7 +23,7 @@ fn message(i: i64) -> ChatMessage {
         "text": format!("Message {i}: chào bạn, how are you? <b>fine</b> & \"well\" 👋"),
         "permalink": "https://app.example.com/permalink/77a28d55",
     });
-    ChatMessage::decode(&serde_json::to_vec(&record).unwrap(), 1 << 20).unwrap()
+    ChatMessage::decode(&serde_json::to_vec(&record).unwrap(), 1 << 20).unwrap().into_owned()
 }
 
 fn render_bundle(c: &mut Criterion) {

@@ -21,6 +21,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 
 use super::chat::ChatMessage;
 pub use super::emission::{Emission, Output};
+pub use super::parts::{apply_parts, Parts, Pending};
 use super::Work;
 use crate::deliver::record::{webhook_id, DeliveryRecord};
 use crate::kafka::offsets::{OffsetTracker, Tp};
@@ -31,77 +32,12 @@ use crate::telemetry::{StateError, StateOp, Store};
 use crate::window::calendar::Windows;
 use crate::window::clock::Clock;
 use crate::window::emit::{self, Limits, Piece};
-use crate::window::store::{Bundle, BundleKey, Incoming, WindowStore};
+use crate::window::store::{Bundle, BundleKey, WindowStore};
 use crate::Shared;
 
 /// Request header naming a bundle part and the number of parts, `2/3`: receivers that want
 /// the whole window put the parts back together by it.
 pub const PART_HEADER: &str = "hookd-bundle-part";
-
-/// A message's aggregated part, waiting for the next store batch.
-pub struct Pending {
-    sub_id: String,
-    chat_id: String,
-    partition: i32,
-    offset: i64,
-    ts_ms: i64,
-    windows: Windows,
-    message: Arc<[u8]>,
-    header: Arc<[u8]>,
-}
-
-/// Builds the bundle parts of one decoded message: the stored message and bundle header
-/// are serialised once, on the first aggregating subscription, and shared by the others.
-pub struct Parts<'m> {
-    m: &'m ChatMessage,
-    partition: i32,
-    offset: i64,
-    header: Option<Arc<[u8]>>,
-    message: Option<Arc<[u8]>>,
-    pub parts: Vec<Pending>,
-}
-
-impl<'m> Parts<'m> {
-    pub fn new(m: &'m ChatMessage, partition: i32, offset: i64) -> Self {
-        Self { m, partition, offset, header: None, message: None, parts: Vec::new() }
-    }
-
-    /// Adds the message's part for aggregating subscription `sub_id` with its `windows`.
-    pub fn push(&mut self, sub_id: &str, windows: Windows) {
-        let m = self.m;
-        let header = self.header.get_or_insert_with(|| Arc::from(timelines::header_bytes(m))).clone();
-        let message = self.message.get_or_insert_with(|| Arc::from(timelines::message_bytes(m))).clone();
-        self.parts.push(Pending {
-            sub_id: sub_id.to_string(),
-            chat_id: m.chat_id.clone(),
-            partition: self.partition,
-            offset: self.offset,
-            ts_ms: m.timestamp_ms(),
-            windows,
-            message,
-            header,
-        });
-    }
-}
-
-/// Applies bundle parts to the store as one batch; returns where each went (bundle, late).
-pub fn apply_parts(store: &WindowStore, parts: &[Pending], grace_ms: i64) -> Result<Vec<(BundleKey, bool)>, sled::Error> {
-    let batch: Vec<Incoming<'_>> = parts
-        .iter()
-        .map(|p| Incoming {
-            sub_id: &p.sub_id,
-            chat_id: &p.chat_id,
-            partition: p.partition,
-            offset: p.offset,
-            ts_ms: p.ts_ms,
-            windows: p.windows,
-            grace_ms,
-            message: &p.message,
-            header: &p.header,
-        })
-        .collect();
-    store.apply(&batch)
-}
 
 /// Routes one chat message: pass-through deliveries into the work, bundle parts returned.
 pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) -> (Work, Vec<Pending>) {
@@ -118,20 +54,19 @@ pub fn process(shared: &Shared, store: &WindowStore, msg: &BorrowedMessage<'_>) 
         shared.metrics.chat_skipped.with_label_values(&["attachments"]).inc();
         return (work, Vec::new());
     }
-    let event_type = format!("message.{}", m.direction);
     let index = shared.registry.index();
     let applied = store.checkpoint(work.tp.1).ok().flatten();
     let now = shared.clock.now_ms();
     let source = work.source();
     let (mut single, mut parts) = (None, Parts::new(&m, work.tp.1, work.offset));
-    for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
+    for sub in index.matching(&m.tenant, Source::Chat, m.direction.event_type()) {
         match Windows::of(sub) {
             None => {
                 let body = single.get_or_insert_with(|| timelines::single_payload(&m)).clone();
                 let record = chat_record(&sub.id, &m.tenant, webhook_id(&sub.id, &m.id), "message", body, now, source.clone());
                 work.deliveries.push((sub.id.clone(), record.encode()));
             }
-            Some(windows) if applied.is_none_or(|c| work.offset > c) => parts.push(&sub.id, windows),
+            Some(windows) if applied.is_none_or(|c| work.offset > c) => parts.push(sub, windows),
             Some(_) => {} // already in the window store (offset <= its checkpoint)
         }
     }

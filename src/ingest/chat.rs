@@ -7,61 +7,135 @@
 //! `attachments` (an array, default empty) and `permalink` are optional; other keys are
 //! ignored. Errors reuse [`InputError`] and name the field (`chat.id` for the nested one).
 //!
+//! The decoded message borrows from the record's bytes ([`Json`]): every message of the
+//! chat hot path is parsed once, without a map or a `String` per field, and written to the
+//! window store from there.
+//!
 //! Messages with attachments decode fine: skipping them for delivery, as TimelinesAI does,
 //! is the router's decision, not a decoding error ([`ChatMessage::has_attachments`]).
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
 
-use super::event::{decode_object, parse_time, take_id, take_string, InputError};
+use super::event::{check_size, id_of, string_of, time_of, InputError};
+use super::json::{Json, Object};
 
-/// One chat message, as published on `chat.messages` (key: chat id).
+/// `sent` or `received`, validated, because TimelinesAI receivers switch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Sent,
+    Received,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Sent => "sent",
+            Direction::Received => "received",
+        }
+    }
+
+    /// The event type subscriptions filter chat messages by: `message.sent`, `message.received`.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Direction::Sent => "message.sent",
+            Direction::Received => "message.received",
+        }
+    }
+}
+
+/// One chat message, as published on `chat.messages` (key: chat id), borrowing from the
+/// record's bytes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChatMessage {
+pub struct ChatMessage<'a> {
     /// Producer's message id; `message_id` on the wire, and with the subscription id the
     /// stable `webhook-id` of a pass-through delivery.
-    pub id: String,
+    pub id: Cow<'a, str>,
     /// Workspace the message belongs to; subscriptions match on it.
-    pub tenant: String,
-    /// `"sent"` or `"received"`, validated, because TimelinesAI receivers switch on it.
-    pub direction: String,
+    pub tenant: Cow<'a, str>,
+    pub direction: Direction,
     /// When the message was sent; picks the aggregation window (DESIGN section 2).
     pub timestamp: DateTime<Utc>,
     /// The WhatsApp account (and teammate) it went through: `full_name`, `email`, `phone`.
     /// Kept as sent so that the body builder, not the decoder, decides the wire shape.
-    pub account: Map<String, Value>,
+    pub account: Object<'a>,
     /// The chat: `id`, `full_name`, `responsible_name`, `responsible_email`, `url`,
     /// `is_new_chat`, `is_group`, `phone`. Always holds a non-empty `id`.
-    pub chat: Map<String, Value>,
+    pub chat: Object<'a>,
     /// `chat.id` as a string (numbers are accepted and converted): bundles are per chat.
-    pub chat_id: String,
-    /// Who sent it (`full_name`, `phone`); a JSON object.
-    pub sender: Value,
-    /// Who received it (`full_name`, `phone`); a JSON object.
-    pub recipient: Value,
+    pub chat_id: Cow<'a, str>,
+    /// Who sent it (`full_name`, `phone`).
+    pub sender: Object<'a>,
+    /// Who received it (`full_name`, `phone`).
+    pub recipient: Object<'a>,
     /// Plain text of the message, any Unicode; empty for attachment-only messages.
-    pub text: String,
+    pub text: Cow<'a, str>,
     /// Attachments as sent; a message with any is skipped for delivery.
-    pub attachments: Vec<Value>,
+    pub attachments: Vec<Json<'a>>,
     /// Link to the message in the chat product; the bundle summary links to its first one.
-    pub permalink: Option<String>,
+    pub permalink: Option<Cow<'a, str>>,
 }
 
-impl ChatMessage {
+/// The top-level keys the decoder reads; a repeated key counts with its last value.
+#[derive(Default)]
+struct Fields<'a> {
+    id: Option<Json<'a>>,
+    tenant: Option<Json<'a>>,
+    direction: Option<Json<'a>>,
+    timestamp: Option<Json<'a>>,
+    account: Option<Json<'a>>,
+    chat: Option<Json<'a>>,
+    sender: Option<Json<'a>>,
+    recipient: Option<Json<'a>>,
+    text: Option<Json<'a>>,
+    attachments: Option<Json<'a>>,
+    permalink: Option<Json<'a>>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(top: Object<'a>) -> Self {
+        let mut f = Fields::default();
+        for (key, value) in top.into_entries() {
+            let slot = match key.as_ref() {
+                "id" => &mut f.id,
+                "tenant" => &mut f.tenant,
+                "direction" => &mut f.direction,
+                "timestamp" => &mut f.timestamp,
+                "account" => &mut f.account,
+                "chat" => &mut f.chat,
+                "sender" => &mut f.sender,
+                "recipient" => &mut f.recipient,
+                "text" => &mut f.text,
+                "attachments" => &mut f.attachments,
+                "permalink" => &mut f.permalink,
+                _ => continue,
+            };
+            *slot = Some(value);
+        }
+        f
+    }
+}
+
+impl<'a> ChatMessage<'a> {
     /// Decodes and validates one record value of at most `max_bytes`.
-    pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Self, InputError> {
-        Self::from_value(decode_object(bytes, max_bytes)?)
+    pub fn decode(bytes: &'a [u8], max_bytes: usize) -> Result<Self, InputError> {
+        check_size(bytes, max_bytes)?;
+        match Json::parse(bytes) {
+            Ok(Json::Object(top)) => Self::from_fields(Fields::of(top)),
+            Ok(_) => Err(InputError::NotAnObject),
+            Err(e) => Err(InputError::Malformed(e.to_string())),
+        }
     }
 
-    /// Validates an already parsed JSON object.
-    pub fn from_value(value: Map<String, Value>) -> Result<Self, InputError> {
-        let mut v = value;
-        let id = take_id(&mut v, "id")?;
-        let tenant = take_id(&mut v, "tenant")?;
-        let direction = take_direction(&mut v)?;
-        let timestamp = parse_time(v.get("timestamp"), "timestamp")?;
-        let account = take_object(&mut v, "account")?;
-        let chat = take_object(&mut v, "chat")?;
+    /// The checks in the order of the module's list, so one record always gets one reason.
+    fn from_fields(f: Fields<'a>) -> Result<Self, InputError> {
+        let id = id_of(f.id.into(), "id")?;
+        let tenant = id_of(f.tenant.into(), "tenant")?;
+        let direction = direction(f.direction)?;
+        let timestamp = time_of(&f.timestamp.into(), "timestamp")?;
+        let account = object(f.account, "account")?;
+        let chat = object(f.chat, "chat")?;
         Ok(Self {
             id,
             tenant,
@@ -70,21 +144,21 @@ impl ChatMessage {
             account,
             chat_id: chat_id(&chat)?,
             chat,
-            sender: Value::Object(take_object(&mut v, "sender")?),
-            recipient: Value::Object(take_object(&mut v, "recipient")?),
-            text: match v.remove("text") {
-                Some(Value::String(s)) => s,
-                Some(Value::Null) | None => return Err(InputError::Missing("text")),
+            sender: object(f.sender, "sender")?,
+            recipient: object(f.recipient, "recipient")?,
+            text: match f.text {
+                Some(Json::String(s)) => s,
+                Some(Json::Null) | None => return Err(InputError::Missing("text")),
                 Some(_) => return Err(InputError::WrongType { field: "text", expected: "a string" }),
             },
-            attachments: match v.remove("attachments") {
-                Some(Value::Array(a)) => a,
-                Some(Value::Null) | None => Vec::new(),
+            attachments: match f.attachments {
+                Some(Json::Array(a)) => a,
+                Some(Json::Null) | None => Vec::new(),
                 Some(_) => return Err(InputError::WrongType { field: "attachments", expected: "an array" }),
             },
-            permalink: match v.remove("permalink") {
-                Some(Value::String(s)) if !s.is_empty() => Some(s),
-                Some(Value::String(_) | Value::Null) | None => None,
+            permalink: match f.permalink {
+                Some(Json::String(s)) if !s.is_empty() => Some(s),
+                Some(Json::String(_) | Json::Null) | None => None,
                 Some(_) => return Err(InputError::WrongType { field: "permalink", expected: "a string" }),
             },
         })
@@ -99,29 +173,47 @@ impl ChatMessage {
     pub fn timestamp_ms(&self) -> i64 {
         self.timestamp.timestamp_millis()
     }
+
+    /// The same message, owning its strings (to keep it beyond the record's bytes).
+    pub fn into_owned(self) -> ChatMessage<'static> {
+        let owned = |s: Cow<'a, str>| Cow::Owned(s.into_owned());
+        ChatMessage {
+            id: owned(self.id),
+            tenant: owned(self.tenant),
+            direction: self.direction,
+            timestamp: self.timestamp,
+            account: self.account.into_owned(),
+            chat: self.chat.into_owned(),
+            chat_id: owned(self.chat_id),
+            sender: self.sender.into_owned(),
+            recipient: self.recipient.into_owned(),
+            text: owned(self.text),
+            attachments: self.attachments.into_iter().map(Json::into_owned).collect(),
+            permalink: self.permalink.map(owned),
+        }
+    }
 }
 
 /// A required JSON object.
-fn take_object(v: &mut Map<String, Value>, field: &'static str) -> Result<Map<String, Value>, InputError> {
-    match v.remove(field) {
-        Some(Value::Object(m)) => Ok(m),
-        Some(Value::Null) | None => Err(InputError::Missing(field)),
+fn object<'a>(v: Option<Json<'a>>, field: &'static str) -> Result<Object<'a>, InputError> {
+    match v {
+        Some(Json::Object(m)) => Ok(m),
+        Some(Json::Null) | None => Err(InputError::Missing(field)),
         Some(_) => Err(InputError::WrongType { field, expected: "an object" }),
     }
 }
 
-fn take_direction(v: &mut Map<String, Value>) -> Result<String, InputError> {
-    let direction = take_string(v, "direction")?;
-    match direction.as_str() {
-        "sent" | "received" => Ok(direction),
+fn direction(v: Option<Json<'_>>) -> Result<Direction, InputError> {
+    match string_of(v.into(), "direction")?.as_ref() {
+        "sent" => Ok(Direction::Sent),
+        "received" => Ok(Direction::Received),
         _ => Err(InputError::WrongType { field: "direction", expected: r#""sent" or "received""# }),
     }
 }
 
-/// `chat.id` with the rules of [`take_id`], its errors naming `chat.id`; the chat keeps its id.
-fn chat_id(chat: &Map<String, Value>) -> Result<String, InputError> {
-    let mut only_id: Map<String, Value> = chat.get("id").map(|id| ("id".to_string(), id.clone())).into_iter().collect();
-    take_id(&mut only_id, "id").map_err(|e| match e {
+/// `chat.id` with the rules of [`id_of`], its errors naming `chat.id`; the chat keeps its id.
+fn chat_id<'a>(chat: &Object<'a>) -> Result<Cow<'a, str>, InputError> {
+    id_of(chat.get("id").cloned().into(), "id").map_err(|e| match e {
         InputError::Missing(_) => InputError::Missing("chat.id"),
         InputError::WrongType { expected, .. } => InputError::WrongType { field: "chat.id", expected },
         other => other,
@@ -131,7 +223,7 @@ fn chat_id(chat: &Map<String, Value>) -> Result<String, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map, Value};
 
     /// The `chat.messages` sample of DESIGN section 3.
     const SAMPLE: &str = r#"{"id": "ddfskhsd76dsfs6dsd5skjsdhf", "tenant": "ws-10010", "direction": "sent",
@@ -149,24 +241,25 @@ mod tests {
     }
 
     /// The sample with `edit` applied, decoded.
-    fn decode_with(edit: impl FnOnce(&mut Map<String, Value>)) -> Result<ChatMessage, InputError> {
+    fn decode_with(edit: impl FnOnce(&mut Map<String, Value>)) -> Result<ChatMessage<'static>, InputError> {
         let mut v = sample();
         edit(&mut v);
-        ChatMessage::decode(&serde_json::to_vec(&v).unwrap(), 1 << 20)
+        ChatMessage::decode(&serde_json::to_vec(&v).unwrap(), 1 << 20).map(ChatMessage::into_owned)
     }
 
     #[test]
     fn decodes_design_sample() {
         let m = ChatMessage::decode(SAMPLE.as_bytes(), 1 << 20).unwrap();
-        assert_eq!((m.id.as_str(), m.tenant.as_str()), ("ddfskhsd76dsfs6dsd5skjsdhf", "ws-10010"));
-        assert_eq!(m.direction, "sent");
+        assert_eq!((m.id.as_ref(), m.tenant.as_ref()), ("ddfskhsd76dsfs6dsd5skjsdhf", "ws-10010"));
+        assert!(matches!((&m.id, &m.text), (Cow::Borrowed(_), Cow::Borrowed(_))), "borrowed from the record");
+        assert_eq!((m.direction, m.direction.event_type()), (Direction::Sent, "message.sent"));
         assert_eq!(m.timestamp.to_rfc3339(), "2021-02-24T16:25:29+00:00", "the +0000 form parses");
         assert_eq!(m.timestamp_ms(), 1_614_183_929_000);
-        assert_eq!(m.account["email"], "amnon@example.com");
-        assert_eq!((m.chat_id.as_str(), &m.chat["id"]), ("10010001", &json!("10010001")), "chat keeps its id");
-        assert_eq!(m.chat["url"], "https://app.example.com/chat/10010001/messages/");
-        assert_eq!(m.sender, json!({"full_name": "John Doe", "phone": "+972540000000"}));
-        assert_eq!(m.recipient["full_name"], "Jane Smith");
+        assert_eq!(m.account.to_value()["email"], "amnon@example.com");
+        assert_eq!((m.chat_id.as_ref(), &m.chat.to_value()["id"]), ("10010001", &json!("10010001")), "chat keeps its id");
+        assert_eq!(m.chat.to_value()["url"], "https://app.example.com/chat/10010001/messages/");
+        assert_eq!(m.sender.to_value(), json!({"full_name": "John Doe", "phone": "+972540000000"}));
+        assert_eq!(m.recipient.to_value()["full_name"], "Jane Smith");
         assert_eq!(m.text, "lorem ipsum");
         assert!(!m.has_attachments());
         assert_eq!(m.permalink.as_deref(), Some("https://app.example.com/permalink/77a28d55"));
@@ -186,9 +279,9 @@ mod tests {
         })
         .unwrap();
         assert!(m.attachments.is_empty() && m.permalink.is_none());
-        assert_eq!((m.chat_id.as_str(), m.tenant.as_str()), ("10010001", "10010"));
+        assert_eq!((m.chat_id.as_ref(), m.tenant.as_ref()), ("10010001", "10010"));
         assert_eq!(m.timestamp_ms(), 1_614_183_929_123);
-        assert_eq!((m.direction.as_str(), m.text.as_str()), ("received", ""), "empty text is allowed");
+        assert_eq!((m.direction.as_str(), m.text.as_ref()), ("received", ""), "empty text is allowed");
         let m = decode_with(|v| v["attachments"] = json!([{"type": "image", "url": "https://x/y.png"}])).unwrap();
         assert!(m.has_attachments());
     }
@@ -202,7 +295,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(m.text, text);
-        assert_eq!(m.sender["full_name"], "Trần Thị Ánh 🌸");
+        assert_eq!(m.sender.to_value()["full_name"], "Trần Thị Ánh 🌸");
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //! else is an [`InputError`] whose message names the field, so the dead-letter record tells
 //! the operator exactly what to fix.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, TimeZone, Utc};
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
+
+use super::json::Json;
 
 /// Why an input record was refused. The text goes to `hookd.dlq` as the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,7 +66,7 @@ impl CrmEvent {
             id: take_id(&mut v, "id")?,
             tenant: take_id(&mut v, "tenant")?,
             event_type: take_string(&mut v, "type")?,
-            occurred_at: parse_time(v.get("occurred_at"), "occurred_at")?,
+            occurred_at: time_of(&v.remove("occurred_at").into(), "occurred_at")?,
             data: match v.remove("data") {
                 Some(Value::Object(m)) => m,
                 Some(_) => return Err(InputError::WrongType { field: "data", expected: "an object" }),
@@ -83,12 +87,7 @@ impl CrmEvent {
 
 /// Size check, then JSON parse into an object.
 pub fn decode_object(bytes: &[u8], max_bytes: usize) -> Result<Map<String, Value>, InputError> {
-    if bytes.is_empty() {
-        return Err(InputError::Empty);
-    }
-    if bytes.len() > max_bytes {
-        return Err(InputError::TooLarge { size: bytes.len(), limit: max_bytes });
-    }
+    check_size(bytes, max_bytes)?;
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(InputError::NotAnObject),
@@ -96,24 +95,76 @@ pub fn decode_object(bytes: &[u8], max_bytes: usize) -> Result<Map<String, Value
     }
 }
 
+/// A record must have a value of at most `max_bytes`.
+pub fn check_size(bytes: &[u8], max_bytes: usize) -> Result<(), InputError> {
+    if bytes.is_empty() {
+        return Err(InputError::Empty);
+    }
+    if bytes.len() > max_bytes {
+        return Err(InputError::TooLarge { size: bytes.len(), limit: max_bytes });
+    }
+    Ok(())
+}
+
+/// A field as the rules below see it, whichever tree it was read into: `Value` (CRM events)
+/// or the borrowed [`Json`] (chat messages). Absent and `null` are the same.
+pub enum Scalar<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    Num(Number),
+    Other,
+}
+
+impl From<Option<Value>> for Scalar<'static> {
+    fn from(v: Option<Value>) -> Self {
+        match v {
+            None | Some(Value::Null) => Scalar::Null,
+            Some(Value::String(s)) => Scalar::Str(Cow::Owned(s)),
+            Some(Value::Number(n)) => Scalar::Num(n),
+            Some(_) => Scalar::Other,
+        }
+    }
+}
+
+impl<'a> From<Option<Json<'a>>> for Scalar<'a> {
+    fn from(v: Option<Json<'a>>) -> Self {
+        match v {
+            None | Some(Json::Null) => Scalar::Null,
+            Some(Json::String(s)) => Scalar::Str(s),
+            Some(Json::Number(n)) => Scalar::Num(n),
+            Some(_) => Scalar::Other,
+        }
+    }
+}
+
 /// A required non-empty string; numbers are accepted for ids (`"tenant": 1260`).
-pub fn take_id(v: &mut Map<String, Value>, field: &'static str) -> Result<String, InputError> {
-    match v.remove(field) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(Value::Number(n)) => Ok(n.to_string()),
-        Some(Value::String(_)) => Err(InputError::WrongType { field, expected: "a non-empty string" }),
-        Some(Value::Null) | None => Err(InputError::Missing(field)),
-        Some(_) => Err(InputError::WrongType { field, expected: "a string" }),
+pub fn id_of<'a>(v: Scalar<'a>, field: &'static str) -> Result<Cow<'a, str>, InputError> {
+    match v {
+        Scalar::Str(s) if !s.is_empty() => Ok(s),
+        Scalar::Num(n) => Ok(Cow::Owned(n.to_string())),
+        Scalar::Str(_) => Err(InputError::WrongType { field, expected: "a non-empty string" }),
+        Scalar::Null => Err(InputError::Missing(field)),
+        Scalar::Other => Err(InputError::WrongType { field, expected: "a string" }),
     }
 }
 
 /// A required non-empty string.
-pub fn take_string(v: &mut Map<String, Value>, field: &'static str) -> Result<String, InputError> {
-    match v.remove(field) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(Value::Null) | None => Err(InputError::Missing(field)),
-        Some(_) => Err(InputError::WrongType { field, expected: "a non-empty string" }),
+pub fn string_of<'a>(v: Scalar<'a>, field: &'static str) -> Result<Cow<'a, str>, InputError> {
+    match v {
+        Scalar::Str(s) if !s.is_empty() => Ok(s),
+        Scalar::Null => Err(InputError::Missing(field)),
+        _ => Err(InputError::WrongType { field, expected: "a non-empty string" }),
     }
+}
+
+/// [`id_of`] on an object's field, which it takes.
+pub fn take_id(v: &mut Map<String, Value>, field: &'static str) -> Result<String, InputError> {
+    id_of(v.remove(field).into(), field).map(Cow::into_owned)
+}
+
+/// [`string_of`] on an object's field, which it takes.
+pub fn take_string(v: &mut Map<String, Value>, field: &'static str) -> Result<String, InputError> {
+    string_of(v.remove(field).into(), field).map(Cow::into_owned)
 }
 
 fn optional(v: &mut Map<String, Value>, field: &str) -> Option<Value> {
@@ -130,17 +181,17 @@ fn optional_string(v: &mut Map<String, Value>, field: &'static str) -> Result<Op
 
 /// Epoch milliseconds (integer) or an RFC 3339 string; also the `+0000` offset form of the
 /// TimelinesAI samples (`2021-02-24T16:25:29+0000`).
-pub fn parse_time(value: Option<&Value>, field: &'static str) -> Result<DateTime<Utc>, InputError> {
+pub fn time_of(value: &Scalar<'_>, field: &'static str) -> Result<DateTime<Utc>, InputError> {
     let wrong = InputError::WrongType { field, expected: "epoch milliseconds or an RFC 3339 time" };
     match value {
-        None | Some(Value::Null) => Err(InputError::Missing(field)),
-        Some(Value::Number(n)) => n.as_i64().and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or(wrong),
-        Some(Value::String(s)) => fast_time(s)
+        Scalar::Null => Err(InputError::Missing(field)),
+        Scalar::Num(n) => n.as_i64().and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or(wrong),
+        Scalar::Str(s) => fast_time(s)
             .map(Ok)
             .unwrap_or_else(|| DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)))
             .or_else(|_| DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z").map(|t| t.with_timezone(&Utc)))
             .map_err(|_| wrong),
-        Some(_) => Err(wrong),
+        Scalar::Other => Err(wrong),
     }
 }
 
@@ -244,7 +295,7 @@ mod tests {
             assert_eq!(fast_time(s), None, "{s}");
         }
         for s in declined.iter().chain(&answered) {
-            let via = parse_time(Some(&Value::String(s.to_string())), "t").ok();
+            let via = time_of(&Scalar::Str(Cow::Borrowed(s)), "t").ok();
             assert_eq!(via, chrono_parse(s), "{s}");
         }
     }

@@ -21,6 +21,8 @@ pub mod bundles;
 pub mod chat;
 mod emission;
 pub mod event;
+pub mod json;
+mod parts;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -11,18 +11,21 @@
 //! and the layer goes when the reader reads the same value back. Until then an older record
 //! of the topic read in between cannot make a disabled subscription look enabled again.
 
+pub mod filter;
 pub mod reader;
 pub mod subscription;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
+use filter::EventFilter;
 use subscription::{Source, Subscription};
 
 /// A read-only snapshot of the subscriptions.
 #[derive(Debug, Default)]
 pub struct Index {
-    by_tenant: HashMap<(String, Source), Vec<Arc<Subscription>>>,
+    /// Per tenant, its subscriptions with their compiled `events`.
+    by_tenant: HashMap<String, Vec<(Arc<Subscription>, EventFilter)>>,
     by_id: HashMap<String, Arc<Subscription>>,
 }
 
@@ -30,7 +33,7 @@ impl Index {
     fn build(subs: impl Iterator<Item = Arc<Subscription>>) -> Self {
         let mut index = Index::default();
         for s in subs {
-            index.by_tenant.entry((s.tenant.clone(), s.source)).or_default().push(s.clone());
+            index.by_tenant.entry(s.tenant.clone()).or_default().push((s.clone(), EventFilter::new(&s.events)));
             index.by_id.insert(s.id.clone(), s);
         }
         index
@@ -38,7 +41,8 @@ impl Index {
 
     /// Enabled subscriptions of `tenant` on `source` whose filters accept `event_type`.
     pub fn matching<'a>(&'a self, tenant: &str, source: Source, event_type: &'a str) -> impl Iterator<Item = &'a Arc<Subscription>> + 'a {
-        self.by_tenant.get(&(tenant.to_string(), source)).into_iter().flatten().filter(move |s| s.enabled && s.wants(event_type))
+        let subs = self.by_tenant.get(tenant).map_or(&[][..], Vec::as_slice);
+        subs.iter().filter(move |(s, events)| s.source == source && s.enabled && events.accepts(event_type)).map(|(s, _)| s)
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<Subscription>> {

@@ -295,13 +295,7 @@ impl Subscription {
 
     /// Whether `event_type` passes this subscription's filters.
     pub fn wants(&self, event_type: &str) -> bool {
-        self.events.iter().any(|p| {
-            if p.contains('*') || p.contains('?') {
-                wildmatch::WildMatch::new(p).matches(event_type)
-            } else {
-                p == event_type
-            }
-        })
+        super::filter::EventFilter::new(&self.events).accepts(event_type)
     }
 }
 

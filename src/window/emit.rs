@@ -239,11 +239,11 @@ mod tests {
         assert_eq!(ranges(&cut(0, limits(100, 1), sized(&[])).unwrap()), [Ok(0..0)], "an empty bundle is one empty part");
     }
 
-    fn stored(i: usize, text: &str) -> (ChatMessage, Vec<u8>) {
+    fn stored(i: usize, text: &str) -> (ChatMessage<'static>, Vec<u8>) {
         let record = json!({"id": format!("m{i}"), "tenant": "t", "direction": "sent", "timestamp": 1_614_183_929_000_i64 + i as i64 * 1000,
             "account": {"full_name": "A"}, "chat": {"id": "c", "url": "https://app.example.com/c/"},
             "sender": {"full_name": "S <s>"}, "recipient": {"full_name": "R"}, "text": text});
-        let m = ChatMessage::decode(&serde_json::to_vec(&record).unwrap(), 1 << 20).unwrap();
+        let m = ChatMessage::decode(&serde_json::to_vec(&record).unwrap(), 1 << 20).unwrap().into_owned();
         let bytes = timelines::message_bytes(&m);
         (m, bytes)
     }

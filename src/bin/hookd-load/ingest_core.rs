@@ -5,16 +5,20 @@
 //! can make, so this module repeats its steps for aggregating subscriptions with the same
 //! public pieces, in the same order: `ChatMessage::decode`, the attachment check, the
 //! registry lookup (`Registry::index` + `Index::matching` per message), the window store's
-//! checkpoint read per message, the bundle parts (`stage::Parts`, the daemon's own), then
-//! `stage::apply_parts` per `chat.max_batch` messages and the gauge read after it, and, every
-//! `chat.close_interval_ms`, the due-index scan and a sled flush (the close tick). Input
+//! checkpoint read per message, the bundle parts (`bundles::Parts`, the daemon's own), then
+//! `bundles::apply_parts` per `chat.max_batch` messages and the gauge read after it, and,
+//! every `chat.close_interval_ms`, the due-index scan and a sled flush (the close tick). Input
 //! generation is outside the timed part. Keep it in step with `ingest/bundles.rs`.
+//!
+//! One message in [`SPLIT_EVERY`] is also timed step by step (decode, route, serialise), so
+//! the split costs the others no clock reads.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hookd::ingest::bundles::{apply_parts, Parts, Pending};
 use hookd::ingest::chat::ChatMessage;
-use hookd::route::subscription::Source;
+use hookd::route::subscription::{Source, Subscription};
 use hookd::route::Registry;
 use hookd::state::StateDb;
 use hookd::window::calendar::Windows;
@@ -30,6 +34,7 @@ struct Phases {
     apply: Duration,
     tick: Duration,
     messages: u64,
+    split: Split,
 }
 
 const PARTITIONS: u64 = 6;
@@ -42,6 +47,9 @@ pub fn run(opts: Opts) -> anyhow::Result<Vec<Row>> {
     let mut rate = Row::new("ingest-core", "decode, route, window, sled batch", "msg/s", Some(Target::AtLeast(300_000.0)));
     let mut per_msg = Row::new("ingest-core", "per message, all steps", "us", None);
     let mut route = Row::new("ingest-core", "  of which decode, route, serialise", "us", None);
+    let mut decode = Row::new("ingest-core", "    decode (sampled)", "us", None);
+    let mut routing = Row::new("ingest-core", "    route (sampled)", "us", None);
+    let mut serialise = Row::new("ingest-core", "    serialise (sampled)", "us", None);
     let mut apply = Row::new("ingest-core", "  of which sled batch apply", "us", None);
     let mut tick = Row::new("ingest-core", "  of which close tick (due scan, flush)", "us", None);
     for run in 0..opts.runs {
@@ -49,21 +57,28 @@ pub fn run(opts: Opts) -> anyhow::Result<Vec<Row>> {
         let p = one_run(&load, &config, dir.path())?;
         let total = p.route + p.apply + p.tick;
         let us = |d: Duration| d.as_secs_f64() * 1e6 / p.messages as f64;
+        let sampled = |d: Duration| d.as_secs_f64() * 1e6 / p.split.samples.max(1) as f64;
         eprintln!(
-            "    run {run}: {:.0} msg/s ({:.2} us/msg: route {:.2}, apply {:.2}, tick {:.2})",
+            "    run {run}: {:.0} msg/s ({:.2} us/msg: route {:.2} (decode {:.2}, route {:.2}, serialise {:.2}), apply {:.2}, tick {:.2})",
             p.messages as f64 / total.as_secs_f64(),
             us(total),
             us(p.route),
+            sampled(p.split.decode),
+            sampled(p.split.route),
+            sampled(p.split.serialise),
             us(p.apply),
             us(p.tick)
         );
         rate.values.push(p.messages as f64 / total.as_secs_f64());
         per_msg.values.push(us(total));
         route.values.push(us(p.route));
+        decode.values.push(sampled(p.split.decode));
+        routing.values.push(sampled(p.split.route));
+        serialise.values.push(sampled(p.split.serialise));
         apply.values.push(us(p.apply));
         tick.values.push(us(p.tick));
     }
-    Ok(vec![rate, per_msg, route, apply, tick])
+    Ok(vec![rate, per_msg, route, decode, routing, serialise, apply, tick])
 }
 
 fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std::path::Path) -> anyhow::Result<Phases> {
@@ -75,6 +90,7 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
     let grace_ms = config.chat.grace_ms as i64;
     let mut offsets = [0i64; PARTITIONS as usize];
     let mut pending: Vec<Pending> = Vec::with_capacity(max_batch);
+    let mut matched = Vec::new();
     let mut phases = Phases::default();
     let mut since_tick = Duration::ZERO;
     let mut records = load.records();
@@ -87,8 +103,9 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
             let partition = (fnv(key.as_bytes()) % PARTITIONS) as i32;
             let offset = offsets[partition as usize];
             offsets[partition as usize] += 1;
+            let split = (phases.messages % SPLIT_EVERY == 0).then_some(&mut phases.split);
             let t = Instant::now();
-            route_one(&registry, &store, value, max_bytes, partition, offset, &mut pending)?;
+            route_one(&registry, &store, value, max_bytes, (partition, offset), &mut pending, &mut matched, split)?;
             let routed = t.elapsed();
             phases.route += routed;
             since_tick += routed;
@@ -124,32 +141,62 @@ fn one_run(load: &workload::ChatLoad, config: &hookd::config::Config, dir: &std:
     Ok(phases)
 }
 
-/// What `ingest::bundles::process` does for one record, for aggregating subscriptions.
+/// The finer split of `route_one`, timed on one message in [`SPLIT_EVERY`] (a clock read per
+/// step costs about as much as a step's tenth).
+#[derive(Default)]
+struct Split {
+    decode: Duration,
+    route: Duration,
+    serialise: Duration,
+    samples: u64,
+}
+
+const SPLIT_EVERY: u64 = 8;
+
+/// What `ingest::bundles::process` does for one record, for aggregating subscriptions:
+/// decode (and the attachment check), route (registry snapshot, checkpoint read, matching
+/// subscriptions and their windows), serialise (the bundle parts: stored message and header,
+/// written once and shared). The daemon pushes each part as it matches; this collects the
+/// matches first so the two steps can be timed apart.
+#[allow(clippy::too_many_arguments)]
 fn route_one(
     registry: &Registry,
     store: &WindowStore,
     value: &[u8],
     max_bytes: usize,
-    partition: i32,
-    offset: i64,
+    (partition, offset): (i32, i64),
     pending: &mut Vec<Pending>,
+    matched: &mut Vec<(Arc<Subscription>, Windows)>,
+    split: Option<&mut Split>,
 ) -> anyhow::Result<()> {
+    let t0 = split.is_some().then(Instant::now);
     let m = ChatMessage::decode(value, max_bytes)?;
     if m.has_attachments() {
         return Ok(());
     }
-    let event_type = format!("message.{}", m.direction);
+    let t1 = t0.map(|_| Instant::now());
     let index = registry.index();
     let applied = store.checkpoint(partition)?;
-    let mut parts = Parts::new(&m, partition, offset);
-    for sub in index.matching(&m.tenant, Source::Chat, &event_type) {
+    matched.clear();
+    for sub in index.matching(&m.tenant, Source::Chat, m.direction.event_type()) {
         if let Some(windows) = Windows::of(sub) {
             if applied.is_none_or(|c| offset > c) {
-                parts.push(&sub.id, windows);
+                matched.push((sub.clone(), windows));
             }
         }
     }
+    let t2 = t0.map(|_| Instant::now());
+    let mut parts = Parts::new(&m, partition, offset);
+    for (sub, windows) in matched.iter() {
+        parts.push(sub, *windows);
+    }
     pending.append(&mut parts.parts);
+    if let (Some(split), Some(t0), Some(t1), Some(t2)) = (split, t0, t1, t2) {
+        split.decode += t1 - t0;
+        split.route += t2 - t1;
+        split.serialise += t2.elapsed();
+        split.samples += 1;
+    }
     Ok(())
 }
 

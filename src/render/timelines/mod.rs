@@ -36,10 +36,10 @@ pub use summary::{Summary, DEFAULT_SUMMARY_TEMPLATE};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::json_bytes;
 use crate::ingest::chat::ChatMessage;
+use crate::ingest::json::{Json, Object, NULL};
 
 /// Wire form of timestamps: `2021-02-24T16:25:29+0000`, always UTC.
 pub const TIMESTAMP_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%z";
@@ -47,33 +47,33 @@ pub const TIMESTAMP_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%z";
 /// `whatsapp_account`: `{full_name, email, phone}` of the account the message went through.
 #[derive(Serialize)]
 pub struct AccountView<'a> {
-    full_name: &'a Value,
-    email: &'a Value,
-    phone: &'a Value,
+    full_name: &'a Json<'a>,
+    email: &'a Json<'a>,
+    phone: &'a Json<'a>,
 }
 
 /// `chat`: the sample's eight keys in its order; `chat_url` comes from `chat.url` (or
 /// `chat.chat_url`), `chat_id` is the validated id as a string.
 #[derive(Serialize)]
 pub struct ChatView<'a> {
-    full_name: &'a Value,
-    responsible_name: &'a Value,
-    responsible_email: &'a Value,
-    chat_url: &'a Value,
+    full_name: &'a Json<'a>,
+    responsible_name: &'a Json<'a>,
+    responsible_email: &'a Json<'a>,
+    chat_url: &'a Json<'a>,
     chat_id: &'a str,
-    is_new_chat: &'a Value,
-    is_group: &'a Value,
-    phone: &'a Value,
+    is_new_chat: &'a Json<'a>,
+    is_group: &'a Json<'a>,
+    phone: &'a Json<'a>,
 }
 
 /// One entry of `messages` (or the `message` of a single payload), in the sample's order.
 #[derive(Serialize)]
 pub struct MessageView<'a> {
-    direction: &'a str,
-    timestamp: String,
+    direction: &'static str,
+    timestamp: WireTime,
     message_id: &'a str,
-    sender: &'a Value,
-    recipient: &'a Value,
+    sender: &'a Object<'a>,
+    recipient: &'a Object<'a>,
     text: &'a str,
 }
 
@@ -85,24 +85,30 @@ pub struct HeaderView<'a> {
     permalink: Option<&'a str>,
 }
 
-const NULL: &Value = &Value::Null;
+/// The single payload: `{whatsapp_account, chat, message}`.
+#[derive(Serialize)]
+struct SingleView<'a> {
+    whatsapp_account: AccountView<'a>,
+    chat: ChatView<'a>,
+    message: MessageView<'a>,
+}
 
 impl<'a> AccountView<'a> {
-    pub fn of(m: &'a ChatMessage) -> Self {
+    pub fn of(m: &'a ChatMessage<'_>) -> Self {
         let a = |key| m.account.get(key).unwrap_or(NULL);
         Self { full_name: a("full_name"), email: a("email"), phone: a("phone") }
     }
 }
 
 impl<'a> ChatView<'a> {
-    pub fn of(m: &'a ChatMessage) -> Self {
+    pub fn of(m: &'a ChatMessage<'_>) -> Self {
         let c = |key| m.chat.get(key).unwrap_or(NULL);
         Self {
             full_name: c("full_name"),
             responsible_name: c("responsible_name"),
             responsible_email: c("responsible_email"),
             chat_url: if m.chat.contains_key("url") { c("url") } else { c("chat_url") },
-            chat_id: &m.chat_id,
+            chat_id: &m.chat_id[..],
             is_new_chat: c("is_new_chat"),
             is_group: c("is_group"),
             phone: c("phone"),
@@ -111,20 +117,20 @@ impl<'a> ChatView<'a> {
 }
 
 impl<'a> MessageView<'a> {
-    pub fn of(m: &'a ChatMessage) -> Self {
+    pub fn of(m: &'a ChatMessage<'_>) -> Self {
         Self {
-            direction: &m.direction,
-            timestamp: wire_timestamp(&m.timestamp),
-            message_id: &m.id,
+            direction: m.direction.as_str(),
+            timestamp: WireTime(m.timestamp),
+            message_id: &m.id[..],
             sender: &m.sender,
             recipient: &m.recipient,
-            text: &m.text,
+            text: &m.text[..],
         }
     }
 }
 
 impl<'a> HeaderView<'a> {
-    pub fn of(m: &'a ChatMessage) -> Self {
+    pub fn of(m: &'a ChatMessage<'_>) -> Self {
         Self { account: AccountView::of(m), chat: ChatView::of(m), permalink: m.permalink.as_deref() }
     }
 }
@@ -140,38 +146,67 @@ fn to_bytes(view: impl Serialize, capacity: usize) -> Vec<u8> {
 }
 
 /// [`AccountView`] as a JSON value.
-pub fn account_object(m: &ChatMessage) -> Value {
+pub fn account_object(m: &ChatMessage<'_>) -> Value {
     to_value(AccountView::of(m))
 }
 
 /// [`ChatView`] as a JSON value.
-pub fn chat_object(m: &ChatMessage) -> Value {
+pub fn chat_object(m: &ChatMessage<'_>) -> Value {
     to_value(ChatView::of(m))
 }
 
 /// [`MessageView`] as a JSON value.
-pub fn message_object(m: &ChatMessage) -> Value {
+pub fn message_object(m: &ChatMessage<'_>) -> Value {
     to_value(MessageView::of(m))
 }
 
 /// [`MessageView`] as compact JSON, straight from the message (no `Value` tree): what the
 /// window store keeps per message, on the ingest hot path.
-pub fn message_bytes(m: &ChatMessage) -> Vec<u8> {
+pub fn message_bytes(m: &ChatMessage<'_>) -> Vec<u8> {
     to_bytes(MessageView::of(m), 128 + m.text.len())
 }
 
 /// [`HeaderView`] as compact JSON: what the window store keeps per bundle, read back as a
 /// [`BundleHeader`].
-pub fn header_bytes(m: &ChatMessage) -> Vec<u8> {
+pub fn header_bytes(m: &ChatMessage<'_>) -> Vec<u8> {
     to_bytes(HeaderView::of(m), 512)
+}
+
+/// Appends [`message_bytes`] and then [`header_bytes`] to `out`; returns where the header
+/// starts. The hot path writes both into one buffer.
+pub fn write_stored(m: &ChatMessage<'_>, out: &mut Vec<u8>) -> usize {
+    serde_json::to_writer(&mut *out, &MessageView::of(m)).expect("strings and JSON values always serialize");
+    let header = out.len();
+    serde_json::to_writer(&mut *out, &HeaderView::of(m)).expect("strings and JSON values always serialize");
+    header
+}
+
+/// A timestamp written in [`TIMESTAMP_FORMAT`] without a `String` of its own.
+struct WireTime(DateTime<Utc>);
+
+impl Serialize for WireTime {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match wire_digits(&self.0) {
+            Some(b) => serializer.serialize_str(std::str::from_utf8(&b).expect("ASCII")),
+            None => serializer.serialize_str(&self.0.format(TIMESTAMP_FORMAT).to_string()),
+        }
+    }
 }
 
 /// `t` in [`TIMESTAMP_FORMAT`], without parsing the format string each time (years outside
 /// 0..=9999 take chrono's formatter, which gives them a sign).
 pub fn wire_timestamp(t: &DateTime<Utc>) -> String {
+    match wire_digits(t) {
+        Some(b) => String::from_utf8(b.to_vec()).expect("ASCII"),
+        None => t.format(TIMESTAMP_FORMAT).to_string(),
+    }
+}
+
+/// The digits of [`wire_timestamp`], None for the years and leap seconds chrono writes.
+fn wire_digits(t: &DateTime<Utc>) -> Option<[u8; 24]> {
     use chrono::{Datelike, Timelike};
     if !(0..=9999).contains(&t.year()) || t.nanosecond() >= 1_000_000_000 {
-        return t.format(TIMESTAMP_FORMAT).to_string(); // signed years, leap seconds
+        return None; // signed years, leap seconds
     }
     let mut b = *b"0000-00-00T00:00:00+0000";
     let mut put = |at: usize, width: usize, mut n: u32| {
@@ -186,16 +221,13 @@ pub fn wire_timestamp(t: &DateTime<Utc>) -> String {
     put(11, 2, t.hour());
     put(14, 2, t.minute());
     put(17, 2, t.second());
-    String::from_utf8(b.to_vec()).expect("ASCII")
+    Some(b)
 }
 
 /// The body for aggregation `none`: `{whatsapp_account, chat, message}`, compact JSON.
-pub fn single_payload(m: &ChatMessage) -> Vec<u8> {
-    json_bytes(&json!({
-        "whatsapp_account": account_object(m),
-        "chat": chat_object(m),
-        "message": message_object(m),
-    }))
+pub fn single_payload(m: &ChatMessage<'_>) -> Vec<u8> {
+    let view = SingleView { whatsapp_account: AccountView::of(m), chat: ChatView::of(m), message: MessageView::of(m) };
+    to_bytes(view, 768 + m.text.len())
 }
 
 /// What a bundle says about its chat besides the messages; taken from the bundle's first
@@ -211,8 +243,8 @@ pub struct BundleHeader {
 }
 
 impl BundleHeader {
-    pub fn from_message(m: &ChatMessage) -> Self {
-        Self { account: account_object(m), chat: chat_object(m), permalink: m.permalink.clone() }
+    pub fn from_message(m: &ChatMessage<'_>) -> Self {
+        Self { account: account_object(m), chat: chat_object(m), permalink: m.permalink.as_deref().map(str::to_string) }
     }
 
     /// Where the summary links to: the permalink, else the chat's URL, whichever is first to

@@ -4,7 +4,7 @@
 use chrono::DateTime;
 use chrono_tz::Tz;
 use minijinja::{context, AutoEscape, Environment, ErrorKind, HtmlEscape, Output, State, UndefinedBehavior};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use super::{message_object, BundleHeader, TIMESTAMP_FORMAT};
 use crate::ingest::chat::ChatMessage;
@@ -13,6 +13,10 @@ use crate::render::RenderError;
 /// The summary's per-message time, `2021-02-24 16:25` on the subscription's clock, given to
 /// templates as `time`.
 const SUMMARY_TIME_FORMAT: &str = "%Y-%m-%d %H:%M";
+
+/// The message a template is tried on at start-up.
+const PROBE_MESSAGE: &str = r#"{"id":"sample","tenant":"sample","direction":"sent","timestamp":0,"account":{},"chat":{"id":"sample"},
+"sender":{"full_name":"Sample","phone":""},"recipient":{"full_name":"Sample","phone":""},"text":"sample","permalink":"https://example.com/"}"#;
 
 /// The built-in summary: `from <name> on <time>: <text>` per message, joined by `<br/>`, then
 /// the link. The seed's sample closes the link with `</h>`, a typo: this emits `</a>`.
@@ -63,20 +67,7 @@ impl Summary {
     /// Renders a sample bundle so that a name no data can fix (unknown filter, test or
     /// function) fails at start-up; errors that depend on the data wait for real bundles.
     fn probe(&self) -> Result<(), RenderError> {
-        let sample = ChatMessage {
-            id: "sample".into(),
-            tenant: "sample".into(),
-            direction: "sent".into(),
-            timestamp: DateTime::UNIX_EPOCH,
-            account: Map::new(),
-            chat: Map::new(),
-            chat_id: "sample".into(),
-            sender: json!({"full_name": "Sample", "phone": ""}),
-            recipient: json!({"full_name": "Sample", "phone": ""}),
-            text: "sample".into(),
-            attachments: Vec::new(),
-            permalink: Some("https://example.com/".into()),
-        };
+        let sample = ChatMessage::decode(PROBE_MESSAGE.as_bytes(), PROBE_MESSAGE.len()).expect("the probe message is valid");
         let ctx = template_context(&[message_object(&sample)], &BundleHeader::from_message(&sample), Tz::UTC)?;
         match self.env.get_template(TEMPLATE).and_then(|t| t.render(ctx)) {
             Err(e) if matches!(e.kind(), ErrorKind::UnknownFilter | ErrorKind::UnknownTest | ErrorKind::UnknownFunction) => {

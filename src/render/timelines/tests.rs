@@ -6,6 +6,7 @@
 use super::*;
 use crate::render::RenderError;
 use chrono_tz::Tz;
+use serde_json::json;
 
 const BUNDLE: &str = include_str!("../testdata/timelines_bundle.json");
 const SINGLE: &str = include_str!("../testdata/timelines_single.json");
@@ -25,8 +26,8 @@ fn record(direction: &str, timestamp: &str, text: &str) -> Value {
     })
 }
 
-fn decode(record: Value) -> ChatMessage {
-    ChatMessage::decode(&serde_json::to_vec(&record).unwrap(), 1 << 20).unwrap()
+fn decode(record: Value) -> ChatMessage<'static> {
+    ChatMessage::decode(&serde_json::to_vec(&record).unwrap(), 1 << 20).unwrap().into_owned()
 }
 
 /// Same value and same key order at every level.
@@ -239,4 +240,32 @@ fn summary_is_shareable() {
     let other = std::thread::spawn(move || s.render(&messages, &header, Tz::UTC).unwrap()).join().unwrap();
     let (header, messages) = conversation();
     assert_eq!(other, summary.render(&messages, &header, Tz::UTC).unwrap());
+}
+
+/// What the window store keeps is what the `Value` tree gave before the borrowing decoder:
+/// a record as a producer may write it (spaces, escapes, repeated keys, floats, big
+/// numbers) against message and header objects built from `serde_json::Value`.
+#[test]
+fn stored_bytes_are_those_of_the_value_tree() {
+    let raw = r#"{ "id" : "m\u0031", "tenant": "ws", "direction": "sent", "timestamp": "2021-02-24T16:25:29.5+07:00",
+        "account": {"full_name": "A\/B", "email": 1.50, "email": 2e3, "phone": 18446744073709551616},
+        "chat": {"id": 7, "url": null, "chat_url": "https://x/", "is_group": [true, {"a": -0}], "full_name": "\u00e9\ud83d\udc4b"},
+        "sender": {"full_name": "S", "phone": "1", "full_name": "S2", "n": {"x": [1.0, -9223372036854775809]}},
+        "recipient": {}, "text": "line\nbreak \"q\" \u2028 tab\t", "unknown": {"deep": [1e300]}, "permalink": ""}"#;
+    let v: Value = serde_json::from_str(raw).unwrap();
+    let m = ChatMessage::decode(raw.as_bytes(), 1 << 20).unwrap();
+    let message = json!({"direction": v["direction"], "timestamp": "2021-02-24T09:25:29+0000", "message_id": v["id"],
+        "sender": v["sender"], "recipient": v["recipient"], "text": v["text"]});
+    assert_eq!(message_bytes(&m), serde_json::to_vec(&message).unwrap());
+    let (a, c) = (&v["account"], &v["chat"]);
+    let header = json!({
+        "account": {"full_name": a["full_name"], "email": a["email"], "phone": a["phone"]},
+        "chat": {"full_name": c["full_name"], "responsible_name": null, "responsible_email": null, "chat_url": c["url"],
+                 "chat_id": "7", "is_new_chat": null, "is_group": c["is_group"], "phone": null},
+        "permalink": null,
+    });
+    assert_eq!(header_bytes(&m), serde_json::to_vec(&header).unwrap());
+    let mut both = Vec::new();
+    let at = write_stored(&m, &mut both);
+    assert_eq!((&both[..at], &both[at..]), (&message_bytes(&m)[..], &header_bytes(&m)[..]));
 }
