@@ -34,8 +34,14 @@ async fn a_joining_instance_takes_only_the_partitions_that_move() {
     for partition in 0..CHAT_PARTITIONS {
         for i in 0..2 {
             let id = format!("m{partition}-{i}");
-            produce_to(&p, "chat.messages", partition, &format!("chat{partition}"), &message(&id, &format!("chat{partition}"), T0, "Jo", "hi"))
-                .await;
+            produce_to(
+                &p,
+                "chat.messages",
+                partition,
+                &format!("chat{partition}"),
+                &message(&id, &format!("chat{partition}"), T0, "Jo", "hi"),
+            )
+            .await;
         }
     }
     let bundles = CHAT_PARTITIONS as i64;

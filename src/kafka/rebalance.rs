@@ -133,11 +133,19 @@ pub struct Resumed {
 pub struct TrackingContext {
     log: Arc<RebalanceLog>,
     resume: Option<Resume>,
+    /// Revocations wait for [`complete_revoke`] (a stage loop runs it); else applied at once.
+    defer: bool,
 }
 
 impl TrackingContext {
     pub fn new(log: Arc<RebalanceLog>) -> Self {
-        Self { log, resume: None }
+        Self { log, resume: None, defer: false }
+    }
+
+    /// Leaves revocations to the consumer's loop, which must call [`complete_revoke`] (and
+    /// [`RebalanceLog::close`] before the consumer is closed).
+    pub fn deferring_revocations(self) -> Self {
+        Self { defer: true, ..self }
     }
 
     /// Resumes assigned partitions where `resume` says, when that is past the committed offset.
@@ -234,7 +242,8 @@ impl ConsumerContext for TrackingContext {
                 self.post_rebalance(consumer, &Rebalance::Assign(tpl));
                 result
             }
-            REVOKE if !self.log.closing.load(Ordering::SeqCst) => {
+            // Nothing to wait for when nothing is revoked (an eager rejoin before any assignment).
+            REVOKE if self.defer && tpl.count() > 0 && !self.log.closing.load(Ordering::SeqCst) => {
                 self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
                 self.log.changed.notify_one();
                 Ok(())

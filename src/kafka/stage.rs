@@ -101,7 +101,7 @@ pub trait Step {
 /// whose assigned partitions resume where `resume` says.
 pub fn subscribe(shared: &Shared, group: &str, topics: &[&str], resume: Resume) -> Result<(TrackedConsumer, Arc<RebalanceLog>), Error> {
     let log = Arc::new(RebalanceLog::default());
-    let context = TrackingContext::new(log.clone()).resuming(resume);
+    let context = TrackingContext::new(log.clone()).resuming(resume).deferring_revocations();
     let consumer: StreamConsumer<TrackingContext> = super::consumer_config(&shared.config, group).create_with_context(context)?;
     consumer.subscribe(topics)?;
     Ok((consumer, log))
