@@ -8,10 +8,12 @@ pub mod dlq;
 pub mod limits;
 pub mod offsets;
 pub mod produce;
+pub mod rebalance;
 pub mod stage;
 
 pub use dlq::{dead_letter, DeadLetter};
 pub use produce::{produce_until_acked, PermanentReason, ProduceError};
+pub use rebalance::{PartitionHooks, RebalanceLog, Resume, Resumed, TrackingContext};
 
 use std::time::Duration;
 
@@ -58,7 +60,10 @@ pub fn producer(config: &Config, smallest_topic_limit: Option<usize>) -> Result<
 }
 
 /// A consumer config with explicit offset storing: offsets are stored only once a record's
-/// work is finished (DESIGN section 2), then committed in the background.
+/// work is finished (DESIGN section 2), then committed in the background. Rebalances are
+/// incremental (`cooperative-sticky`: only partitions that move are revoked, [`rebalance`]);
+/// with `kafka.instance_id` the member is static (`group.instance.id`), so a restart within
+/// `kafka.session_timeout_ms` moves nothing.
 pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
     let mut c = client_config(config);
     c.set("group.id", group_id)
@@ -69,10 +74,13 @@ pub fn consumer_config(config: &Config, group_id: &str) -> ClientConfig {
         .set("session.timeout.ms", config.kafka.session_timeout_ms.to_string())
         .set("max.poll.interval.ms", config.kafka.max_poll_interval_ms.to_string())
         .set("fetch.wait.max.ms", config.kafka.fetch_wait_max_ms.to_string())
-        .set("partition.assignment.strategy", "range,roundrobin")
+        .set("partition.assignment.strategy", "cooperative-sticky")
         // Prefetched records held by librdkafka (its default is 64 MiB): 16 MiB is a good
         // half second of input at full speed, and the rest of the memory goes to open bundles.
         .set("queued.max.messages.kbytes", "16384");
+    if let Some(id) = config.kafka.instance_id.as_deref().filter(|id| !id.is_empty()) {
+        c.set("group.instance.id", id);
+    }
     for (k, v) in &config.kafka.librdkafka {
         c.set(k, v);
     }
@@ -135,194 +143,19 @@ pub struct SourceRef {
     pub offset: i64,
 }
 
-/// Partitions revoked and assigned by a rebalance, handed from the consumer's callback (which
-/// runs on the polling thread) to the stage's loop, which forgets revoked partitions' state.
-#[derive(Default)]
-pub struct RebalanceLog {
-    pub revoked: std::sync::Mutex<Vec<(String, i32)>>,
-    pub assigned: std::sync::Mutex<Vec<(String, i32)>>,
-    /// Partitions assigned at a position past their committed offset ([`Resume`]).
-    pub resumed: std::sync::Mutex<Vec<Resumed>>,
-}
-
-/// Asks a stage where a newly assigned partition may resume with its local state intact: a
-/// position below which every record is finished and kept in sled (DESIGN section 2: "seek past
-/// what sled already applied"), or None to resume from the committed offset.
-pub type Resume = Box<dyn Fn(&str, i32) -> Option<i64> + Send + Sync>;
-
-/// A partition assigned past its committed offset: records `committed..settled` are not read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resumed {
-    pub topic: String,
-    pub partition: i32,
-    pub committed: i64,
-    pub settled: i64,
-}
-
-/// Work a stage does inside the rebalance callback, before librdkafka applies the change:
-/// nothing is fetched from an assigned partition before [`Self::assigning`] returns, and a
-/// revoked partition is given up only after [`Self::revoking`] (the sender restores and hands
-/// over endpoint state, `endpoint::restore`). Both block the consumer's poll: keep them bounded
-/// well under `kafka.max_poll_interval_ms`.
-pub trait PartitionHooks: Send + Sync {
-    fn assigning(&self, partitions: &[(String, i32)]);
-    fn revoking(&self, partitions: &[(String, i32)]);
-}
-
-/// Consumer context that records rebalances in a [`RebalanceLog`] and, with a [`Resume`],
-/// assigns partitions at the stage's settled position when it is past the committed offset.
-pub struct TrackingContext {
-    log: std::sync::Arc<RebalanceLog>,
-    resume: Option<Resume>,
-    hooks: Option<std::sync::Arc<dyn PartitionHooks>>,
-}
-
-impl TrackingContext {
-    pub fn new(log: std::sync::Arc<RebalanceLog>) -> Self {
-        Self { log, resume: None, hooks: None }
-    }
-
-    /// Runs `hooks` in every rebalance, before the change is applied.
-    pub fn hooked(self, hooks: Option<std::sync::Arc<dyn PartitionHooks>>) -> Self {
-        Self { hooks, ..self }
-    }
-
-    fn run_hooks(&self, assigning: bool, tpl: &rdkafka::TopicPartitionList) {
-        let Some(hooks) = &self.hooks else { return };
-        let tps: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-        match assigning {
-            true => outside_worker(|| hooks.assigning(&tps)),
-            false => outside_worker(|| hooks.revoking(&tps)),
-        }
-    }
-
-    /// Resumes assigned partitions where `resume` says, when that is past the committed offset.
-    pub fn resuming(self, resume: Resume) -> Self {
-        Self { resume: Some(resume), ..self }
-    }
-
-    /// Sets the offset of each assigned partition that has a settled position past its
-    /// committed offset, so the assignment starts there. The committed offset itself is left
-    /// as it is (it stays at the low-watermark, for a replay with state lost). A partition
-    /// whose revocation the stage has not processed yet is left alone: its state is about to
-    /// be dropped. Any doubt (committed offsets unreadable) means no seek, i.e. a replay.
-    fn seek_past_settled(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, tpl: &mut rdkafka::TopicPartitionList) {
-        use rdkafka::consumer::Consumer;
-        let Some(resume) = &self.resume else { return };
-        let mut wanted = rdkafka::TopicPartitionList::new();
-        let mut settled = std::collections::HashMap::new();
-        {
-            let revoked = self.log.revoked.lock().expect("rebalance log poisoned");
-            for e in tpl.elements() {
-                let tp = (e.topic().to_string(), e.partition());
-                if revoked.contains(&tp) {
-                    continue;
-                }
-                if let Some(pos) = resume(&tp.0, tp.1) {
-                    wanted.add_partition(&tp.0, tp.1);
-                    settled.insert(tp, pos);
-                }
-            }
-        }
-        if settled.is_empty() {
-            return;
-        }
-        let committed = match outside_worker(|| consumer.committed_offsets(wanted, Duration::from_secs(10))) {
-            Ok(c) => c,
-            Err(error) => return tracing::warn!(%error, "Committed offsets unreadable; resuming from them (replay)."),
-        };
-        let mut resumed = self.log.resumed.lock().expect("rebalance log poisoned");
-        for e in committed.elements() {
-            let tp = (e.topic().to_string(), e.partition());
-            let (Some(&pos), rdkafka::Offset::Offset(committed)) = (settled.get(&tp), e.offset()) else { continue };
-            if pos > committed && tpl.set_partition_offset(&tp.0, tp.1, rdkafka::Offset::Offset(pos)).is_ok() {
-                tracing::info!(topic = %tp.0, partition = tp.1, committed, settled = pos, "Resuming past the committed offset; local state holds the rest.");
-                resumed.push(Resumed { topic: tp.0, partition: tp.1, committed, settled: pos });
-            }
-        }
-    }
-}
-
-/// Runs `f`, which blocks, from a consumer callback. librdkafka invokes the rebalance callback
-/// synchronously inside the poll that `StreamConsumer::recv` makes, i.e. on a tokio worker;
-/// on the multi-thread runtime `block_in_place` first hands that worker's other tasks to
-/// another thread, so only the task polling this consumer waits (it cannot go on before the
-/// assignment anyway). Without a runtime, or on a current-thread one (where `block_in_place`
-/// would panic and there is no other thread to move to), `f` just runs.
-fn outside_worker<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-impl rdkafka::ClientContext for TrackingContext {}
-
-impl rdkafka::consumer::ConsumerContext for TrackingContext {
-    /// rdkafka's default rebalance (pre-rebalance, assign or unassign, post-rebalance), with
-    /// the assignment's offsets set by [`TrackingContext::seek_past_settled`] first: assigning
-    /// at an explicit offset is librdkafka's way to start a partition elsewhere than at its
-    /// committed offset without a seek racing the first fetch.
-    fn rebalance(
-        &self,
-        consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        err: rdkafka::types::RDKafkaRespErr,
-        tpl: &mut rdkafka::TopicPartitionList,
-    ) {
-        use rdkafka::consumer::{Consumer, Rebalance, RebalanceProtocol};
-        use rdkafka::types::RDKafkaRespErr::{
-            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS as ASSIGN, RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS as REVOKE,
-        };
-        if err == ASSIGN || err == REVOKE {
-            self.run_hooks(err == ASSIGN, tpl);
-        }
-        if err == ASSIGN {
-            self.seek_past_settled(consumer, tpl);
-        }
-        let rebalance = match err {
-            ASSIGN => Rebalance::Assign(tpl),
-            REVOKE => Rebalance::Revoke(tpl),
-            other => Rebalance::Error(KafkaError::Rebalance(other.into())),
-        };
-        self.pre_rebalance(consumer, &rebalance);
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
-        let result = match (err == ASSIGN, cooperative) {
-            (true, true) => consumer.incremental_assign(tpl),
-            (true, false) => consumer.assign(tpl),
-            (false, true) => consumer.incremental_unassign(tpl),
-            (false, false) => consumer.unassign(),
-        };
-        if let Err(error) = result {
-            tracing::error!(%error, "Applying a rebalance failed.");
-        }
-        self.post_rebalance(consumer, &rebalance);
-    }
-
-    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
-        if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
-            let mut r = self.log.revoked.lock().expect("rebalance log poisoned");
-            r.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
-        }
-    }
-
-    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
-        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
-            let mut a = self.log.assigned.lock().expect("rebalance log poisoned");
-            a.extend(tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())));
-        }
-    }
-}
-
 /// A consumer whose revocations are logged.
 pub type TrackedConsumer = rdkafka::consumer::StreamConsumer<TrackingContext>;
 
-/// Stores `position` (the next offset to read) for commit. Storing for a partition no longer
-/// assigned fails harmlessly.
+/// Stores `position` (the next offset to read) for commit, with the partition's read head as
+/// metadata ([`rebalance::READ_HEAD`]). Storing for a partition no longer assigned fails
+/// harmlessly.
 pub fn store_position(consumer: &TrackedConsumer, topic: &str, partition: i32, position: i64) {
     use rdkafka::consumer::Consumer;
     let mut tpl = rdkafka::TopicPartitionList::new();
     if tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(position)).is_ok() {
+        if let Some(mut e) = tpl.find_partition(topic, partition) {
+            e.set_metadata(consumer.context().log().stored(topic, partition, position));
+        }
         if let Err(error) = consumer.store_offsets(&tpl) {
             tracing::debug!(%error, topic, partition, "Offset not stored (partition no longer assigned).");
         }
@@ -372,6 +205,7 @@ pub async fn close_detached(stage: &'static str, metrics: &crate::telemetry::Met
 /// is the normal case, not an error.
 pub fn final_commit(consumer: &TrackedConsumer, stage: &'static str) {
     use rdkafka::consumer::Consumer;
+    rebalance::store_read_heads(consumer, &consumer.context().log().stored_partitions(), false);
     match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
             tracing::info!(stage, "Finished offsets committed.");

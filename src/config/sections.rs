@@ -52,6 +52,11 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     /// Extra librdkafka properties for every client (TLS, SASL, ...), passed as given.
     pub librdkafka: BTreeMap<String, String>,
+    /// Static group membership (`group.instance.id` of the ingest and sender consumers): an
+    /// instance that restarts within `session_timeout_ms` gets its partitions back without a
+    /// rebalance. Unique per instance of one group, stable across its restarts (a pod name of
+    /// a StatefulSet); unset, every start is a new member.
+    pub instance_id: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -71,6 +76,7 @@ impl Default for KafkaConfig {
             compression: "lz4".into(),
             max_message_bytes: 2 << 20,
             librdkafka: BTreeMap::new(),
+            instance_id: None,
         }
     }
 }

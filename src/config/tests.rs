@@ -62,3 +62,17 @@ fn every_shipped_config_file_parses() {
     }
     assert!(n >= 1, "no config files found in {}", dir.display());
 }
+
+#[test]
+fn instance_id_becomes_the_static_member_id_and_is_validated() {
+    let c = Config::parse("[kafka]\ninstance_id = \"hookd-0\"\n").unwrap();
+    let consumer = crate::kafka::consumer_config(&c, "g");
+    assert_eq!(consumer.get("group.instance.id"), Some("hookd-0"));
+    assert_eq!(consumer.get("partition.assignment.strategy"), Some("cooperative-sticky"));
+    let none = crate::kafka::consumer_config(&Config::parse("").unwrap(), "g");
+    assert_eq!(none.get("group.instance.id"), None, "no static membership unless asked for");
+    let bad = Config::parse("[kafka]\ninstance_id = \"pod 0\"\n").unwrap_err().to_string();
+    assert!(bad.contains("kafka.instance_id `pod 0`"), "{bad}");
+    let twice = "[kafka]\ninstance_id = \"a\"\n[kafka.librdkafka]\n\"group.instance.id\" = \"b\"\n";
+    assert!(Config::parse(twice).unwrap_err().to_string().contains("both set"));
+}

@@ -34,6 +34,7 @@ impl Config {
         if !["none", "lz4", "zstd", "snappy", "gzip"].contains(&self.kafka.compression.as_str()) {
             return Err(format!("kafka.compression `{}` is not one of none, lz4, zstd, snappy, gzip", self.kafka.compression));
         }
+        self.check_instance_id()?;
         if self.admin.token.is_empty() {
             return Err("admin.token must not be empty".into());
         }
@@ -45,6 +46,19 @@ impl Config {
         self.portal.validate()?;
         if let Some(smtp) = &self.notify.smtp {
             smtp.validate()?;
+        }
+        Ok(())
+    }
+
+    /// `kafka.instance_id` is a legal `group.instance.id` (Kafka's rule: at most 249 of
+    /// `[A-Za-z0-9._-]`) and not also set as a librdkafka property.
+    fn check_instance_id(&self) -> Result<(), String> {
+        let Some(id) = &self.kafka.instance_id else { return Ok(()) };
+        if id.is_empty() || id.len() > 249 || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+            return Err(format!("kafka.instance_id `{id}` must be 1 to 249 characters of A-Z, a-z, 0-9, `.`, `_` and `-`"));
+        }
+        if self.kafka.librdkafka.contains_key("group.instance.id") {
+            return Err("kafka.instance_id and kafka.librdkafka.\"group.instance.id\" are both set; keep kafka.instance_id".into());
         }
         Ok(())
     }

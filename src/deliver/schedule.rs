@@ -47,6 +47,11 @@ impl Schedule {
         self.in_flight.len()
     }
 
+    /// Parked deliveries of one retry partition started and not yet finished or put off.
+    pub(super) fn in_flight_in(&self, partition: i32) -> usize {
+        self.in_flight.iter().filter(|(p, _)| *p == partition).count()
+    }
+
     /// The due deliveries to start now (at most [`PER_TICK`]), marked in flight.
     pub(super) fn take_due(&mut self, park: &ParkStore, now_ms: i64) -> Result<Vec<Parked>, sled::Error> {
         let (in_flight, ours) = (&self.in_flight, &self.partitions);

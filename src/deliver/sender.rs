@@ -90,7 +90,18 @@ impl Step for Sender {
     const NAME: &'static str = "sender";
     const RESUMED: &'static str = "retry";
 
-    async fn revoke(&mut self, revoked: Vec<Tp>) {
+    /// Live deliveries of the revoked partitions not yet finished, and parked ones in flight.
+    fn unfinished(&self, revoked: &[Tp]) -> usize {
+        let retry = &self.ctx.shared.config.topics.retry;
+        let parked = revoked.iter().filter(|tp| &tp.0 == retry).map(|tp| self.state.schedule.in_flight_in(tp.1));
+        revoked.iter().map(|tp| self.state.tracker.pending_in(tp)).sum::<usize>() + parked.sum::<usize>()
+    }
+
+    /// Stores the retry partitions' final positions, then drops the partitions' state.
+    async fn revoke(&mut self, consumer: &TrackedConsumer, revoked: Vec<Tp>) {
+        let retry = &self.ctx.shared.config.topics.retry;
+        self.state.retry_dirty.extend(revoked.iter().filter(|tp| &tp.0 == retry).map(|tp| tp.1));
+        self.state.store_parked_positions(&self.ctx, consumer);
         self.state.revoke(&self.ctx, revoked).await
     }
 

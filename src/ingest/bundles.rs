@@ -14,7 +14,7 @@
 //! pass-through is done again (duplicates carry the same `webhook-id`). With the store lost,
 //! replay from the committed low-watermark rebuilds it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rdkafka::message::{BorrowedMessage, Message};
@@ -110,8 +110,8 @@ pub struct ChatStage {
     pending: Vec<Pending>,
     /// Works whose aggregated part is in `pending`; settled after the batch is applied.
     waiting: Vec<Work>,
-    /// Bundles being delivered now.
-    emitting: HashSet<BundleKey>,
+    /// Bundles being delivered now, with their partition.
+    emitting: HashMap<BundleKey, i32>,
     /// Last position stored per chat partition.
     stored: HashMap<i32, i64>,
     topic: String,
@@ -128,7 +128,7 @@ impl ChatStage {
             clock: shared.clock.clone(),
             pending: Vec::new(),
             waiting: Vec::new(),
-            emitting: HashSet::new(),
+            emitting: HashMap::new(),
             stored: HashMap::new(),
             topic: shared.config.topics.chat_messages.clone(),
             metrics: shared.metrics.clone(),
@@ -179,7 +179,10 @@ impl ChatStage {
         self.waiting.retain(|w| w.tp.1 != partition);
         self.stored.remove(&partition);
         match self.store.drop_partition(partition) {
-            Ok(n) => tracing::info!(partition, bundles = n, "Chat partition revoked; its open bundles are left to the new owner."),
+            Ok(n) => {
+                self.metrics.open_bundles.set(self.store.open_bundles() as i64);
+                tracing::info!(partition, bundles = n, "Chat partition revoked; its open bundles are left to the new owner.")
+            }
             Err(error) => self.metrics.emit(StateError {
                 store: Store::Windows,
                 op: StateOp::Drop,
@@ -214,13 +217,13 @@ impl ChatStage {
         let more = keys.len() == DUE_BATCH;
         let mut out = Vec::new();
         for key in keys {
-            if self.emitting.contains(&key) {
+            if self.emitting.contains_key(&key) {
                 continue;
             }
             match self.store.begin_emit(&key) {
                 Ok(Some(bundle)) => {
                     let outputs = self.outputs(shared, &bundle);
-                    self.emitting.insert(key.clone());
+                    self.emitting.insert(key.clone(), bundle.partition);
                     out.push(Emission { partition: bundle.partition, sub_id: key.sub_id.clone(), key, outputs });
                 }
                 Ok(None) => {}
@@ -266,6 +269,11 @@ impl ChatStage {
             }
         };
         pieces.into_iter().map(into_output).collect()
+    }
+
+    /// Bundles of `partition` being emitted now.
+    pub fn emitting_in(&self, partition: i32) -> usize {
+        self.emitting.values().filter(|p| **p == partition).count()
     }
 
     /// Every delivery record (or dead letter) of a bundle was acknowledged: forget the bundle.

@@ -307,7 +307,21 @@ impl Step for Ingest {
     const NAME: &'static str = "ingest";
     const RESUMED: &'static str = "chat";
 
-    async fn revoke(&mut self, revoked: Vec<Tp>) {
+    /// Buffered chat messages of revoked partitions are applied, so they finish with the rest.
+    fn revoking(&mut self, _revoked: &[Tp]) {
+        self.apply_batch();
+    }
+
+    /// Records read and not finished, and bundles being emitted, of the revoked partitions.
+    fn unfinished(&self, revoked: &[Tp]) -> usize {
+        let chat = revoked.iter().filter(|tp| tp.0 == self.chat.topic()).map(|tp| self.chat.emitting_in(tp.1));
+        revoked.iter().map(|tp| self.tracker.pending_in(tp)).sum::<usize>() + chat.sum::<usize>()
+    }
+
+    /// Stores the final positions (after a flush), then drops the partitions' state.
+    async fn revoke(&mut self, consumer: &TrackedConsumer, revoked: Vec<Tp>) {
+        self.chat_dirty.extend(revoked.iter().filter(|tp| tp.0 == self.chat.topic()).map(|tp| tp.1));
+        self.flush_and_store(consumer).await;
         for tp in &revoked {
             self.revoke_one(tp);
         }

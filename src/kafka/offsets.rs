@@ -78,6 +78,11 @@ impl OffsetTracker {
         self.parts.get(tp).and_then(Partition::position)
     }
 
+    /// Records of one partition begun and not finished.
+    pub fn pending_in(&self, tp: &Tp) -> usize {
+        self.parts.get(tp).map_or(0, |p| p.pending.len())
+    }
+
     /// Records begun and not finished, over all partitions (backpressure measure).
     pub fn pending(&self) -> usize {
         self.pending

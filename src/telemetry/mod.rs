@@ -59,6 +59,17 @@ pub struct Metrics {
     /// Records not read again after an assignment, by `source` (chat, retry): sled already
     /// held them, so the partition resumed past its committed offset.
     pub resume_skipped: IntCounterVec,
+    /// Partitions a rebalance assigned to this instance, by `stage` (ingest, sender). With
+    /// the cooperative protocol only partitions that move count.
+    pub partitions_assigned: IntCounterVec,
+    /// Partitions a rebalance took from this instance, by `stage`.
+    pub partitions_revoked: IntCounterVec,
+    /// Records read again after an assignment, by `stage`: a newly assigned partition's
+    /// records below the read head its previous owner committed ([`crate::kafka::rebalance`]).
+    pub records_replayed: IntCounterVec,
+    /// Records of revoked partitions still unfinished when the revocation's grace
+    /// (`shutdown.grace_ms`) ran out, by `stage`: given up, their new owner does them again.
+    pub revoke_abandoned: IntCounterVec,
     /// Chat messages not delivered because they carry attachments.
     pub chat_skipped: IntCounterVec,
     /// Chat messages that arrived after their window was emitted (put in the next bundle).
@@ -206,6 +217,15 @@ impl Metrics {
                 "Records not read again on assignment (sled held them)",
                 &["source"],
             ),
+            partitions_assigned: counter(&r, "hookd_partitions_assigned_total", "Partitions assigned by rebalances, by stage", &["stage"]),
+            partitions_revoked: counter(&r, "hookd_partitions_revoked_total", "Partitions revoked by rebalances, by stage", &["stage"]),
+            records_replayed: counter(&r, "hookd_records_replayed_total", "Records read again after an assignment, by stage", &["stage"]),
+            revoke_abandoned: counter(
+                &r,
+                "hookd_revoke_abandoned_total",
+                "Records of revoked partitions unfinished after the grace, by stage",
+                &["stage"],
+            ),
             chat_skipped: counter(&r, "hookd_chat_messages_skipped_total", "Chat messages not delivered", &["reason"]),
             kafka_errors: counter(&r, "hookd_kafka_errors_total", "Kafka client errors ridden out (logged), by stage", &["stage"]),
             shutdown_overruns: counter(&r, "hookd_shutdown_overruns_total", "Stop steps left unfinished after their bound", &["step"]),
@@ -258,6 +278,9 @@ impl Metrics {
         touch(&self.produce_errors, &["transient"]);
         touch(&self.produce_errors, &PermanentReason::ALL.map(PermanentReason::as_str));
         touch(&self.resume_skipped, &["chat", "retry"]);
+        for vec in [&self.partitions_assigned, &self.partitions_revoked, &self.records_replayed, &self.revoke_abandoned] {
+            touch(vec, &["ingest", "sender"]);
+        }
         touch(&self.chat_skipped, &["attachments"]);
         touch(&self.verifications, &["verified", "failed"]);
         touch(&self.endpoint_disables, &DisableCause::ALL.map(DisableCause::label));

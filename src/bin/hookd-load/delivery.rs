@@ -23,13 +23,13 @@ use crate::report::{Row, Target};
 use crate::workload::{self, ChatLoad, HOUR_MS};
 use crate::Opts;
 
-const SUBSCRIPTIONS: usize = 100;
+pub const SUBSCRIPTIONS: usize = 100;
 /// `linger.ms` of the paced "CRM product" producer: the Kafka Java client's default since
 /// 4.0 (and librdkafka's), 5 ms.
 const PACED_LINGER_MS: u32 = 5;
 
 /// A fresh broker with hookd's topics, in a temporary directory.
-async fn fresh_broker(opts: Opts, dir: &std::path::Path) -> anyhow::Result<(Kafka, hookd::config::Config)> {
+pub async fn fresh_broker(opts: Opts, dir: &std::path::Path) -> anyhow::Result<(Kafka, hookd::config::Config)> {
     let kafka = Kafka::start(&dir.join("broker"))?;
     let setup = daemon::config(opts, &kafka.bootstrap, "setup", &dir.join("setup"), "")?;
     hookd::kafka::ensure_topics(&setup).await?;
@@ -37,7 +37,7 @@ async fn fresh_broker(opts: Opts, dir: &std::path::Path) -> anyhow::Result<(Kafk
 }
 
 /// Produces CRM events `from..to` (tenant `i % SUBSCRIPTIONS`), all at once.
-fn produce_events(bootstrap: &str, topic: &str, from: usize, to: usize) -> anyhow::Result<()> {
+pub fn produce_events(bootstrap: &str, topic: &str, from: usize, to: usize) -> anyhow::Result<()> {
     let p = LoadProducer::new(bootstrap, 20)?;
     for i in from..to {
         let tenant = i % SUBSCRIPTIONS;
@@ -48,7 +48,7 @@ fn produce_events(bootstrap: &str, topic: &str, from: usize, to: usize) -> anyho
 }
 
 /// Progress notes from hookd's own metrics: deferrals and dead letters explain slow runs.
-fn notes(d: &InProcess) -> String {
+pub fn notes(d: &InProcess) -> String {
     let m = &d.shared.metrics;
     let deferred: u64 = ["busy", "disabled", "unverified"].iter().map(|r| m.deliveries_deferred.with_label_values(&[r]).get()).sum();
     let retried = m.deliveries.with_label_values(&["retry"]).get();

@@ -5,6 +5,7 @@
 //! cargo run --release --bin hookd-load -- all
 //! cargo run --release --bin hookd-load -- ingest ingest-core --runs 5
 //! cargo run --bin hookd-load -- passthrough --scale 0.01 --runs 1   # a smoke run, seconds
+//! cargo run --release --bin hookd-load -- passthrough --instances 3  # three instances, one join
 //! ```
 //!
 //! It is a tool, not a test: it fails on errors (a broker that does not start, records lost),
@@ -19,6 +20,7 @@
 //! - [`ingest`]: `ingest`, through the broker, against a bare consumer.
 //! - [`ingest_core`]: `ingest-core`, the chat pipeline in process without a broker.
 //! - [`delivery`]: `passthrough`, `latency` and `flush`.
+//! - [`instances`]: `passthrough --instances N`, N instances in one group: shares, one join's cost.
 //! - [`bundles`]: `memory` and `recovery` (a child process holding 1,000,000 open bundles).
 //! - [`chaos`]: `chaos`, faults and malformed input under mixed load (docs/RELIABILITY.md).
 //! - [`report`]: the machine, the table, medians.
@@ -35,6 +37,7 @@ mod daemon;
 mod delivery;
 mod ingest;
 mod ingest_core;
+mod instances;
 mod receiver;
 mod report;
 mod workload;
@@ -66,6 +69,10 @@ struct Cli {
     /// `delivery.per_subscription_queue=4096`; repeatable; applied over the harness's own.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// hookd instances in one consumer group (`passthrough` only): each one's share of the
+    /// work, and the cost of one more joining mid-run.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
 }
 
 #[derive(Subcommand)]
@@ -109,6 +116,8 @@ pub struct Opts {
     pub rdkafka: &'static str,
     /// `--set` settings, one `dotted.key=value` a line.
     pub settings: &'static str,
+    /// `--instances`: 1, or the instances of `passthrough`'s group.
+    pub instances: usize,
 }
 
 impl Opts {
@@ -133,9 +142,13 @@ fn main() -> anyhow::Result<()> {
         .init();
     anyhow::ensure!(cli.runs >= 1, "--runs must be at least 1");
     anyhow::ensure!(cli.scale > 0.0, "--scale must be above 0");
+    anyhow::ensure!(cli.instances >= 1, "--instances must be at least 1");
     let mut scenarios = cli.scenarios;
     if scenarios.is_empty() {
         anyhow::bail!("name at least one scenario (or `all`); see --help");
+    }
+    if cli.instances > 1 && scenarios.iter().any(|s| *s != Scenario::Passthrough) {
+        anyhow::bail!("--instances applies to `passthrough` only; run other scenarios without it");
     }
     if scenarios.contains(&Scenario::All) {
         scenarios = vec![
@@ -155,7 +168,7 @@ fn main() -> anyhow::Result<()> {
     }
     let rdkafka: &'static str = Box::leak(rdkafka.into_boxed_str());
     let settings: &'static str = Box::leak(cli.set.iter().map(|s| format!("{s}\n")).collect::<String>().into_boxed_str());
-    let opts = Opts { runs: cli.runs, scale: cli.scale, rdkafka, settings };
+    let opts = Opts { runs: cli.runs, scale: cli.scale, rdkafka, settings, instances: cli.instances };
     daemon::config(opts, "127.0.0.1:9", "check", std::path::Path::new("unused"), "")?; // bad --set fails here
     let machine = report::Machine::probe();
     eprintln!("{machine}");
@@ -173,7 +186,13 @@ fn main() -> anyhow::Result<()> {
     println!("{machine}");
     let rdkafka = if cli.rdkafka.is_empty() { "hookd's defaults".to_string() } else { cli.rdkafka.join(" ") };
     let set = if cli.set.is_empty() { String::new() } else { format!("  hookd config: {}", cli.set.join(" ")) };
-    println!("runs: {}  scale: {}  broker: Apache Kafka {}  librdkafka: {rdkafka}{set}\n", opts.runs, opts.scale, broker::kafka_version());
+    let inst = if opts.instances > 1 { format!("  instances: {}", opts.instances) } else { String::new() };
+    println!(
+        "runs: {}  scale: {}{inst}  broker: Apache Kafka {}  librdkafka: {rdkafka}{set}\n",
+        opts.runs,
+        opts.scale,
+        broker::kafka_version()
+    );
     print!("{table}");
     Ok(())
 }
@@ -186,6 +205,7 @@ async fn run(opts: Opts, scenarios: Vec<Scenario>, table: &mut report::Table) ->
         let rows = match s {
             Scenario::Ingest => ingest::broker(opts).await?,
             Scenario::IngestCore => ingest_core::run(opts)?,
+            Scenario::Passthrough if opts.instances > 1 => instances::passthrough(opts).await?,
             Scenario::Passthrough => delivery::passthrough(opts).await?,
             Scenario::Latency => delivery::latency(opts).await?,
             Scenario::Flush => delivery::flush(opts).await?,
