@@ -279,7 +279,9 @@ mod tests {
             s.push_activity("a", act(2)).unwrap();
             db.flush().unwrap(); // as if killed now: the buffer is gone
         }
-        let db = sled::open(dir.path()).unwrap();
+        // sled gives its file lock up on a background thread: wait for it, as StateDb::open does.
+        let (db, _) = crate::state::StateDb::open_default(dir.path()).unwrap();
+        let db = db.db().clone();
         let s = EndpointStore::open(&db).unwrap();
         assert_eq!(times(&s.activity("a").unwrap(), |a| a.at_ms), [1]);
         s.push_activity("a", act(3)).unwrap();
